@@ -1,0 +1,1 @@
+"""Federated training of the soft prompt, item-token projector and retrieval tower."""

@@ -1,0 +1,1 @@
+"""fedrec orchestration: data, profiles, LLM stage, recommender, evaluation and the CLI."""

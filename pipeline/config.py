@@ -1,0 +1,261 @@
+"""Typed experiment configuration, parsed once at the boundary.
+
+Every model forbids unknown keys and documents every field; `load_config` reads a YAML
+file, applies `a.b=value` overrides and turns pydantic's errors into messages that name the
+key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+DatasetName = Literal["ml-100k", "ml-latest-small", "ml-1m", "ml-10m", "ml-25m", "ml-32m", "custom"]
+DataFormat = Literal["auto", "ml-100k", "movielens-csv", "movielens-dat", "recbole", "interactions"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class DataConfig(_Section):
+    name: DatasetName = "ml-100k"
+    """Dataset to load; `custom` reads `path` in the given `format`."""
+    path: Path | None = None
+    """Directory (or interactions file for `interactions`) to read instead of resolving `name`."""
+    format: DataFormat = "auto"
+    """File layout; `auto` detects it from the files present."""
+    items_path: Path | None = None
+    """Item catalogue (CSV/JSONL with item_id,title[,genres,year,tags]) for the `interactions` format."""
+    min_user_interactions: int = 5
+    """k-core threshold for users (>= 3: leave-one-out needs train, validation and test items)."""
+    min_item_interactions: int = 5
+    """k-core threshold for items."""
+    duplicates: Literal["error", "keep_first", "keep_all"] = "error"
+    """What to do with repeated (user, item) rows."""
+    missing_items: Literal["error", "drop"] = "error"
+    """What to do with interactions whose item is absent from the catalogue."""
+    use_tags: bool = True
+    """Append user tags (where the dataset has them) to the item text."""
+    max_tags: int = Field(default=5, ge=0)
+    """Most frequent tags kept per item."""
+    download: bool = True
+    """Download from GroupLens (checksum-verified) when no local copy is found."""
+
+    @field_validator("min_user_interactions")
+    @classmethod
+    def _enough_for_leave_one_out(cls, value: int) -> int:
+        if value < 3:
+            raise ValueError(
+                f"must be >= 3 because leave-one-out needs a training, a validation and a test "
+                f"item per user, got {value}; raise data.min_user_interactions to 3 or more"
+            )
+        return value
+
+    @field_validator("min_item_interactions")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be >= 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _custom_needs_path(self) -> DataConfig:
+        if self.name == "custom" and self.path is None:
+            raise ValueError("data.name=custom needs data.path; set data.path=/your/dir or pick a named dataset")
+        if self.format == "interactions" and self.items_path is None:
+            raise ValueError("data.format=interactions needs data.items_path (the item catalogue file)")
+        return self
+
+
+class PartitionConfig(_Section):
+    scheme: Literal["user", "group"] = "user"
+    """`user`: one user per client (cross-device); `group`: `num_clients` user groups (cross-silo)."""
+    num_clients: int = Field(default=10, ge=1)
+    """Number of clients for the `group` scheme."""
+    split: Literal["random", "dirichlet"] = "random"
+    """How users are assigned to groups: uniformly at random, or non-IID by dominant genre."""
+    alpha: float = Field(default=0.5, gt=0)
+    """Dirichlet concentration for `dirichlet` (smaller is more skewed)."""
+    seed: int = 0
+    """Seed for the assignment."""
+
+
+class ProfileConfig(_Section):
+    template: str = "profile.v1"
+    """Prompt template (file `prompts/templates/<template>.jinja`)."""
+    max_recent_items: int = Field(default=10, ge=0)
+    """Most recent history items listed in the profile."""
+    top_genres: int = Field(default=3, ge=0)
+    """Dominant genres listed."""
+    max_tokens: int = Field(default=256, ge=16)
+    """Upper bound on the profile length in tokens of the embedder's tokenizer."""
+
+
+class EmbedderConfig(_Section):
+    model: str = "all-MiniLM-L6-v2"
+    """Sentence-transformers model: the packaged all-MiniLM-L6-v2 by default, or a local path / HF id."""
+    batch_size: int = Field(default=64, ge=1)
+    """Texts per encoding batch."""
+    normalize: bool = True
+    """L2-normalise embeddings so inner product is cosine similarity."""
+    device: str = "cpu"
+    """Torch device for the embedder."""
+
+
+class IndexConfig(_Section):
+    factory: str = "Flat"
+    """FAISS index factory string (`Flat`, `HNSW32`, `IVF256,PQ16`, ...); inner-product metric."""
+    nprobe: int = Field(default=16, ge=1)
+    """IVF lists probed per query."""
+    ef_search: int = Field(default=128, ge=1)
+    """HNSW search depth."""
+
+
+class RetrievalConfig(_Section):
+    query: Literal["profile", "history", "hybrid"] = "hybrid"
+    """Query vector: the profile's embedding, pooled history item embeddings, or their weighted sum."""
+    history_weight: float = Field(default=0.5, ge=0, le=1)
+    """Weight of the pooled history in `hybrid` (the profile gets 1 - weight)."""
+    recency_decay: float = Field(default=0.9, gt=0, le=1)
+    """Pooling weight ratio between consecutive history items (1 = plain mean)."""
+    max_history: int = Field(default=50, ge=1)
+    """Most recent items pooled."""
+    num_candidates: int = Field(default=20, ge=1)
+    """Candidates returned for reranking."""
+
+
+class EvalConfig(_Section):
+    splits: list[Literal["valid", "test"]] = ["test"]
+    """Splits to evaluate."""
+    ks: list[int] = [5, 10, 20]
+    """Cut-offs for Recall/NDCG."""
+    baselines: list[Literal["popularity", "random", "text"]] = ["popularity", "random", "text"]
+    """Scorers to evaluate."""
+    sampled_negatives: int = Field(default=99, ge=1)
+    """Negatives per user for the sampled track (HR@10/NDCG@10)."""
+    max_users: int | None = Field(default=None, ge=1)
+    """Evaluate only the first N users (None = all)."""
+    seed: int = 0
+    """Seed for the random baseline and negative sampling."""
+    batch_size: int = Field(default=256, ge=1)
+    """Users scored per batch."""
+
+    @field_validator("ks")
+    @classmethod
+    def _positive_ks(cls, ks: list[int]) -> list[int]:
+        if not ks or any(k < 1 for k in ks):
+            raise ValueError(f"must be a non-empty list of positive cut-offs, got {ks}")
+        return sorted(set(ks))
+
+
+class FedrecConfig(_Section):
+    data: DataConfig = DataConfig()
+    """Dataset and preprocessing."""
+    partition: PartitionConfig = PartitionConfig()
+    """Client partitions."""
+    profile: ProfileConfig = ProfileConfig()
+    """Text profiles."""
+    embedder: EmbedderConfig = EmbedderConfig()
+    """Item and profile text embedding."""
+    index: IndexConfig = IndexConfig()
+    """FAISS index."""
+    retrieval: RetrievalConfig = RetrievalConfig()
+    """Candidate retrieval."""
+    eval: EvalConfig = EvalConfig()
+    """Evaluation protocol."""
+    cache_dir: Path | None = None
+    """Where downloads, embeddings and indices are cached (default: $FEDREC_CACHE_DIR or ~/.cache/fedrec)."""
+    output_dir: Path = Path("runs")
+    """Where results (JSON, plots) are written."""
+
+    def resolved_cache_dir(self) -> Path:
+        """The cache directory after applying the environment default."""
+        if self.cache_dir is not None:
+            return self.cache_dir
+        env = os.environ.get("FEDREC_CACHE_DIR")
+        return Path(env) if env else Path.home() / ".cache" / "fedrec"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b=value` into (["a", "b"], parsed YAML value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE such as retrieval.query=profile, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc.problem})") from None
+    return key.strip().split("."), value
+
+
+def _apply(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str) -> str:
+    """Render a pydantic error as one line per key: key, value and what is allowed."""
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(model, err["loc"]))
+            lines.append(f"  {key}: unknown key; allowed keys here: {allowed}")
+            continue
+        message = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FedrecConfig:
+    """Read a YAML config (or the defaults) and apply `a.b=value` overrides.
+
+    Raises:
+        ConfigError: the file is missing or malformed, or a key or value is invalid.
+    """
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass one of configs/*.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _apply(tree, keys, value)
+        source += f" + --set {text}"
+    try:
+        return FedrecConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, FedrecConfig, source)) from None
