@@ -78,7 +78,9 @@ class TextEmbedder:
     def model(self) -> SentenceTransformer:
         """The loaded sentence-transformers model (loaded on first use, offline)."""
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         path = resolve_model_path(self.model_name)
         try:
             return SentenceTransformer(path, device=self.device, local_files_only=not Path(path).is_dir())
@@ -99,7 +101,7 @@ class TextEmbedder:
 
     def count_tokens(self, text: str) -> int:
         """Tokens the model's tokenizer produces for `text` (special tokens excluded)."""
-        return len(self.model.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self.model.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def cache_key(self, texts: Sequence[str]) -> str:
         """Hash of everything the embeddings depend on."""

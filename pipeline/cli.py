@@ -1,0 +1,225 @@
+"""The `fedrec` command line: each subcommand builds a config and calls library code."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich import box
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from pipeline.config import FedrecConfig, load_config
+from pipeline.errors import FedrecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and prepare datasets.")
+index_app = typer.Typer(no_args_is_help=True, help="Build FAISS indices.")
+app.add_typer(data_app, name="data")
+app.add_typer(index_app, name="index")
+console = Console()
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/*.yaml); defaults when omitted.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set retrieval.query=profile (repeatable).")]
+SplitOpt = Annotated[str, typer.Option("--split", help="Which held-out item the history stops before: valid or test.")]
+
+
+def _config(config: Path | None, overrides: list[str] | None) -> FedrecConfig:
+    return load_config(config, overrides or [])
+
+
+def _recommender(cfg: FedrecConfig):  # noqa: ANN202 - pipeline.recommender.Recommender
+    from pipeline.recommender import Recommender
+
+    with console.status(f"loading {cfg.data.name}"):
+        return Recommender.from_config(cfg, progress=True)
+
+
+def _check_split(split: str) -> str:
+    if split not in ("valid", "test"):
+        raise FedrecError(f"--split must be valid or test, got {split!r}")
+    return split
+
+
+@data_app.command("info")
+def data_info(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Counts and files of the dataset after preprocessing."""
+    from pipeline.data import load_dataset
+
+    cfg = _config(config, overrides)
+    start = time.perf_counter()
+    dataset = load_dataset(cfg.data, cfg.resolved_cache_dir())
+    elapsed = time.perf_counter() - start
+    table = Table(title=f"{dataset.name} after {cfg.data.min_user_interactions}/{cfg.data.min_item_interactions}-core")
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    for key, value in dataset.stats().items():
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    table.add_row("user ids", f"{dataset.user_ids[0]} … {dataset.user_ids[-1]}")
+    for key, value in dataset.source.items():
+        table.add_row(key, value)
+    table.add_row("load + preprocess", f"{elapsed:.2f} s")
+    console.print(table)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    output: Annotated[Path | None, typer.Option(help="Output directory (default: <cache>/prepared/<dataset>).")] = None,
+) -> None:
+    """Write the preprocessed dataset, its split and client partitions to a directory."""
+    from pipeline.data import load_dataset
+    from pipeline.prepare import write_prepared
+
+    cfg = _config(config, overrides)
+    dataset = load_dataset(cfg.data, cfg.resolved_cache_dir())
+    target = output or cfg.resolved_cache_dir() / "prepared" / dataset.name
+    summary = write_prepared(dataset, cfg, target)
+    console.print(f"[green]wrote[/green] {target}: {summary['users']:,} users, {summary['items']:,} items, "
+                  f"{summary['interactions']:,} interactions, {summary['clients']:,} clients")
+
+
+@index_app.command("build")
+def index_build(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    per_client: Annotated[bool, typer.Option("--per-client/--catalog-only", help="Also write one local index per client.")] = False,
+    rebuild: Annotated[bool, typer.Option("--rebuild/--reuse", help="Rebuild even when a matching index exists.")] = False,
+) -> None:
+    """Embed the item texts and build the FAISS index (cached by model, texts and factory)."""
+    cfg = _config(config, overrides)
+    rec = _recommender(cfg)
+    start = time.perf_counter()
+    rec.item_vectors  # noqa: B018 - embeds (or loads from the cache) with a progress bar
+    index = rec.build_index(rec.index_path(), rebuild=rebuild)
+    console.print(f"[green]index[/green] {rec.index_path()}: {len(index):,} items × {index.dim} dims, "
+                  f"factory {index.factory}, {time.perf_counter() - start:.1f} s")
+    if per_client:
+        paths = rec.client_indices(rebuild=rebuild)
+        console.print(f"[green]client indices[/green] {len(paths)} files under {rec.index_path(0).parent}")
+
+
+@app.command()
+def recommend(
+    user: Annotated[str, typer.Option("--user", "-u", help="User id as it appears in the dataset.")],
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="How many items to show.")] = 10,
+    split: SplitOpt = "test",
+) -> None:
+    """Print a user's text profile and top-k recommendations."""
+    cfg = _config(config, overrides)
+    rec = _recommender(cfg)
+    user_index = rec.dataset.user_index(user)
+    _show_user(rec, user_index, k, _check_split(split))
+
+
+def _show_user(rec, user_index: int, k: int, split: str) -> None:  # noqa: ANN001
+    raw_id = rec.dataset.user_ids[user_index]
+    console.print(Panel(rec.profile(user_index, split), title=f"user {raw_id}: text profile", expand=False))
+    results = rec.recommend(raw_id, k, split)
+    target = rec.split.targets(split)[user_index]
+    table = Table(title=f"top {k} for user {raw_id} (held-out {split} item: {rec.dataset.catalog.label(target)})")
+    for column, justify in (("rank", "right"), ("item", "right"), ("title", "left"), ("score", "right")):
+        table.add_column(column, justify=justify)
+    for r in results:
+        hit = " ✓" if rec.dataset.catalog.index_of(r.item_id) == target else ""
+        table.add_row(str(r.rank), str(r.item_id), r.title + hit, f"{r.score:.4f}")
+    console.print(table)
+
+
+def render_report(report: dict) -> list[Table]:
+    """The evaluation report as terminal tables: full ranking, then the sampled track and ceilings."""
+    rows = report["rows"]
+    splits = sorted({row["split"] for row in rows})
+    full_keys = [k for k in rows[0] if k not in ("model", "split", "users") and not k.startswith(("sampled", "ceiling"))] if rows else []
+    side_keys = sorted({k for row in rows for k in row if k.startswith(("sampled", "ceiling"))})
+    title = f"{report['dataset']} {'/'.join(splits)}: {report['users']:,} users × {report['items']:,} items"
+    tables = []
+    for keys, caption in ((full_keys, f"{report['protocol']}\n{report['tie_rule']}"), (side_keys, report["sampled_track"])):
+        if not keys:
+            continue
+        table = Table(title=title if not tables else None, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("model", no_wrap=True)
+        if len(splits) > 1:
+            table.add_column("split")
+        for key in keys:
+            table.add_column(key.replace("sampled_", "sampled ").replace("ceiling_", "ceiling "), justify="right")
+        for row in rows:
+            cells = [row["split"]] if len(splits) > 1 else []
+            table.add_row(row["model"], *cells, *(f"{row[key]:.4f}" if key in row else "—" for key in keys))
+        tables.append(table)
+    return tables
+
+
+def _run_evaluation(cfg: FedrecConfig, stage: str, output: Path | None) -> dict:
+    from pipeline.evaluate import evaluate_recommender
+    from pipeline.io import write_json
+
+    rec = _recommender(cfg)
+    if "text" in cfg.eval.baselines:
+        rec.index  # noqa: B018 - embeds items (progress bar) before the evaluation bars start
+    report = evaluate_recommender(rec, stage=stage, progress=True)
+    for table in render_report(report):
+        console.print(table)
+    target = output or cfg.output_dir / f"eval-{report['dataset']}-{stage}.json"
+    write_json(target, report)
+    console.print(f"[dim]report written to {target}[/dim]")
+    return report
+
+
+@app.command()
+def evaluate(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    stage: Annotated[str, typer.Option(help="Pipeline stage to evaluate: retrieval.")] = "retrieval",
+    output: Annotated[Path | None, typer.Option(help="JSON report path (default: <output_dir>/eval-<dataset>-<stage>.json).")] = None,
+) -> None:
+    """Full-ranking evaluation (Recall/NDCG@k, MRR, sampled HR/NDCG@10) of baselines and the pipeline."""
+    _run_evaluation(_config(config, overrides), stage, output)
+
+
+@app.command()
+def demo(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    users: Annotated[int, typer.Option(min=1, help="How many users to show recommendations for.")] = 3,
+    k: Annotated[int, typer.Option("-k", min=1, help="Items per user.")] = 10,
+) -> None:
+    """The main job: prepare data and index, show a few users' recommendations, then evaluate."""
+    cfg = _config(config, overrides)
+    rec = _recommender(cfg)
+    stats = rec.dataset.stats()
+    console.print(f"[bold]{stats['dataset']}[/bold] ({rec.dataset.source.get('origin')}): {stats['users']:,} users, "
+                  f"{stats['items']:,} items, {stats['interactions']:,} interactions")
+    start = time.perf_counter()
+    rec.index  # noqa: B018
+    console.print(f"item index ready: {len(rec.index):,} × {rec.index.dim} ({cfg.index.factory}) in {time.perf_counter() - start:.1f} s")
+    rng = np.random.default_rng(cfg.eval.seed)
+    for user_index in sorted(rng.choice(rec.dataset.n_users, size=min(users, rec.dataset.n_users), replace=False)):
+        _show_user(rec, int(user_index), k, "test")
+    _run_evaluation(cfg, "retrieval", None)
+
+
+def main() -> None:
+    """Entry point: user-facing errors print one clear message instead of a traceback."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except (FedrecError, ValueError, FileNotFoundError, ImportError, OSError) as exc:
+        if os.environ.get("FEDREC_DEBUG"):
+            raise
+        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Full-ranking and sampled evaluation, with ties that never favour the target.
+
+Tie rule: a scorer's ties are ranked in expectation over uniformly random tie-breaking, so a
+constant scorer gets chance-level metrics. The popularity baseline has no ties: it breaks them
+by item id (lower id first).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from pipeline.data import Split
+from pipeline.data.dataset import SplitName
+
+if TYPE_CHECKING:
+    from pipeline.recommender import Recommender
+
+TIE_RULE = "ties ranked in expectation (uniform random tie-breaking); popularity breaks ties by item id"
+
+
+class Scorer(Protocol):
+    """Scores every item for a batch of users."""
+
+    name: str
+
+    def score(self, users: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """`(len(users), n_items)` scores; higher is better."""
+        ...
+
+
+@dataclass
+class PopularityScorer:
+    """Interaction counts over everything visible before the target, ties broken by item id."""
+
+    histories: Sequence[np.ndarray]
+    n_items: int
+    name: str = "popularity"
+
+    def __post_init__(self) -> None:
+        counts = np.bincount(np.concatenate([np.asarray(h) for h in self.histories]), minlength=self.n_items)
+        # The id term is < 1, so it only orders items with equal counts: lower id first.
+        self.scores = counts.astype(np.float64) + (1.0 - np.arange(self.n_items) / self.n_items) * 0.5
+
+    def score(self, users: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        return np.broadcast_to(self.scores, (len(users), self.n_items))
+
+
+@dataclass
+class RandomScorer:
+    """Uniform random scores (seeded per user, so results repeat)."""
+
+    n_items: int
+    seed: int = 0
+    name: str = "random"
+
+    def score(self, users: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        return np.stack([np.random.default_rng([self.seed, int(u)]).random(self.n_items) for u in users])
+
+
+@dataclass
+class FunctionScorer:
+    """Wraps a `score(users, histories)` function, e.g. a retriever's exact scores."""
+
+    name: str
+    fn: Callable[[np.ndarray, Sequence[np.ndarray]], np.ndarray]
+
+    def score(self, users: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        return self.fn(users, histories)
+
+
+def rank_counts(scores: np.ndarray, targets: np.ndarray, exclude: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """For each row: items scoring strictly above the target, and items tying with it (target included).
+
+    Args:
+        scores: `(n, n_items)`.
+        targets: `(n,)` target item per row.
+        exclude: per row, items removed from the ranking (the user's history).
+    """
+    scores = np.array(scores, dtype=np.float64)
+    rows = np.arange(len(targets))
+    for row, banned in enumerate(exclude):
+        scores[row, np.asarray(banned, dtype=np.int64)] = -np.inf
+    target_scores = scores[rows, targets]
+    if np.isneginf(target_scores).any():
+        bad = int(np.argmax(np.isneginf(target_scores)))
+        raise ValueError(f"row {bad}: the target item {targets[bad]} is in the excluded history or scored -inf")
+    greater = (scores > target_scores[:, None]).sum(axis=1)
+    ties = (scores == target_scores[:, None]).sum(axis=1)
+    return greater, ties
+
+
+def metrics_from_counts(greater: np.ndarray, ties: np.ndarray, ks: Sequence[int], *, max_rank: int) -> dict[str, np.ndarray]:
+    """Per-user Recall@k, NDCG@k and MRR, in expectation over the order among tied items.
+
+    With `g` items above the target and `t` tied (target included) the target sits at each of the
+    0-based positions g .. g+t-1 with probability 1/t. `greater` may be +inf for a miss.
+    """
+    greater = np.asarray(greater, dtype=np.float64)
+    ties = np.asarray(ties, dtype=np.float64)
+    hit = np.isfinite(greater)
+    g = np.where(hit, greater, 0).astype(np.int64)
+    t = np.where(hit, ties, 1).astype(np.int64)
+    top = max(max(ks), 1)
+    discount = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(top) + 2))])
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, max_rank + 2))])
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        recall = np.clip(k - g, 0, t) / t
+        ndcg = (discount[np.minimum(g + t, k)] - discount[np.minimum(g, k)]) / t
+        out[f"R@{k}"] = np.where(hit, recall, 0.0)
+        out[f"N@{k}"] = np.where(hit, ndcg, 0.0)
+    mrr = (harmonic[np.minimum(g + t, max_rank + 1)] - harmonic[np.minimum(g, max_rank + 1)]) / t
+    out["MRR"] = np.where(hit, mrr, 0.0)
+    return out
+
+
+def list_counts(ranked: Sequence[Sequence[int]], targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`rank_counts` for ranked lists without ties: position of the target, +inf when absent."""
+    greater = np.full(len(targets), np.inf)
+    for row, (items, target) in enumerate(zip(ranked, targets, strict=True)):
+        where = np.flatnonzero(np.asarray(items) == target)
+        if len(where):
+            greater[row] = where[0]
+    return greater, np.ones(len(targets))
+
+
+def sample_negatives(sequences: Sequence[np.ndarray], n_items: int, n_negatives: int, seed: int) -> np.ndarray:
+    """`(n_users, n_negatives)` items each user never interacted with, drawn uniformly without replacement."""
+    out = np.empty((len(sequences), n_negatives), dtype=np.int64)
+    for user, seq in enumerate(sequences):
+        pool = np.setdiff1d(np.arange(n_items), seq, assume_unique=False)
+        if len(pool) < n_negatives:
+            raise ValueError(
+                f"user index {user} has only {len(pool)} unseen items, fewer than eval.sampled_negatives="
+                f"{n_negatives}; lower eval.sampled_negatives"
+            )
+        out[user] = np.random.default_rng([seed, user]).choice(pool, n_negatives, replace=False)
+    return out
+
+
+@dataclass
+class Result:
+    """Mean metrics of one scorer on one split."""
+
+    model: str
+    split: str
+    users: int
+    metrics: dict[str, float]
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def row(self) -> dict[str, float | str | int]:
+        return {"model": self.model, "split": self.split, "users": self.users, **self.metrics, **self.extra}
+
+
+def evaluate_scorer(
+    scorer: Scorer,
+    split: Split,
+    split_name: SplitName,
+    n_items: int,
+    *,
+    ks: Sequence[int] = (5, 10, 20),
+    users: np.ndarray | None = None,
+    negatives: np.ndarray | None = None,
+    ceiling_n: int | None = None,
+    batch_size: int = 256,
+    progress: Callable[[int], None] | None = None,
+) -> Result:
+    """Full ranking over all items (history excluded), plus the sampled track when `negatives` is given.
+
+    Args:
+        negatives: `(n_users, n_neg)` sampled negatives for HR@10/NDCG@10 over 1 + n_neg items.
+        ceiling_n: also report Recall@N of the full ranking, the ceiling for reranking N candidates.
+        progress: called with the number of users finished after each batch.
+    """
+    targets_all = split.targets(split_name)
+    histories_all = split.histories(split_name)
+    users = np.arange(len(targets_all)) if users is None else np.asarray(users)
+    ks_requested = sorted(set(ks))
+    ks = sorted(set(ks) | ({ceiling_n} if ceiling_n else set()))
+    sums: dict[str, float] = {}
+    for start in range(0, len(users), batch_size):
+        batch = users[start : start + batch_size]
+        histories = [histories_all[u] for u in batch]
+        scores = np.asarray(scorer.score(batch, histories))
+        if scores.shape != (len(batch), n_items):
+            raise ValueError(f"scorer {scorer.name} returned shape {scores.shape}, expected ({len(batch)}, {n_items})")
+        greater, ties = rank_counts(scores, targets_all[batch], histories)
+        for key, values in metrics_from_counts(greater, ties, ks, max_rank=n_items).items():
+            sums[key] = sums.get(key, 0.0) + float(values.sum())
+        if negatives is not None:
+            columns = np.concatenate([targets_all[batch, None], negatives[batch]], axis=1)
+            sampled = np.take_along_axis(scores, columns, axis=1)
+            g, t = rank_counts(sampled, np.zeros(len(batch), dtype=np.int64), [()] * len(batch))
+            for key, values in metrics_from_counts(g, t, [10], max_rank=columns.shape[1]).items():
+                if key in ("R@10", "N@10"):
+                    name = "sampled_HR@10" if key == "R@10" else "sampled_N@10"
+                    sums[name] = sums.get(name, 0.0) + float(values.sum())
+        if progress:
+            progress(len(batch))
+    means = {key: value / len(users) for key, value in sums.items()}
+    requested = {f"R@{k}" for k in ks_requested} | {f"N@{k}" for k in ks_requested} | {"MRR"}
+    metrics = {k: v for k, v in means.items() if k in requested}
+    extra = {k: v for k, v in means.items() if k.startswith("sampled")}
+    if ceiling_n:
+        extra[f"ceiling_R@{ceiling_n}"] = means[f"R@{ceiling_n}"]
+    return Result(scorer.name, split_name, len(users), metrics, extra)
+
+
+def chance_recall(k: int, n_candidates: int) -> float:
+    """Expected Recall@k of a ranking that carries no information."""
+    return min(k, n_candidates) / n_candidates
+
+
+def chance_ndcg(k: int, n_candidates: int) -> float:
+    """Expected NDCG@k of a ranking that carries no information."""
+    return sum(1.0 / math.log2(p + 2) for p in range(min(k, n_candidates))) / n_candidates
+
+
+def evaluate_recommender(rec: Recommender, *, stage: str = "retrieval", progress: bool = False) -> dict:
+    """Evaluate the configured baselines (and the pipeline stage) on the configured splits.
+
+    Returns:
+        A JSON-ready report: dataset, protocol, tie rule and one row per (model, split).
+    """
+    from rich.progress import Progress
+
+    if stage != "retrieval":
+        raise ValueError(f"--stage {stage!r} is not available; use --stage retrieval")
+    cfg = rec.cfg.eval
+    data = rec.dataset
+    users = np.arange(data.n_users if cfg.max_users is None else min(cfg.max_users, data.n_users))
+    negatives = sample_negatives([data.sequences[u] for u in range(data.n_users)], data.n_items, cfg.sampled_negatives, cfg.seed)
+    rows = []
+    with Progress(*Progress.get_default_columns(), transient=True, disable=not progress) as bar:
+        for split_name in cfg.splits:
+            scorers: list[tuple[Scorer, int | None]] = []
+            for name in cfg.baselines:
+                if name == "popularity":
+                    scorers.append((PopularityScorer(rec.split.histories(split_name), data.n_items), None))
+                elif name == "random":
+                    scorers.append((RandomScorer(data.n_items, cfg.seed), None))
+                elif name == "text":
+                    scorer = FunctionScorer(f"text:{rec.cfg.retrieval.query}", lambda u, h, s=split_name: rec.score_users(u, s))
+                    scorers.append((scorer, rec.cfg.retrieval.num_candidates))
+            for scorer, ceiling in scorers:
+                task = bar.add_task(f"{split_name}: {scorer.name}", total=len(users))
+                result = evaluate_scorer(
+                    scorer, rec.split, split_name, data.n_items, ks=cfg.ks, users=users, negatives=negatives,
+                    ceiling_n=ceiling, batch_size=cfg.batch_size, progress=lambda n, t=task: bar.advance(t, n),
+                )
+                rows.append(result.row())
+    return {
+        "dataset": data.name,
+        "users": int(len(users)),
+        "items": data.n_items,
+        "interactions": data.n_interactions,
+        "protocol": "full ranking over all items, user history excluded; leave-one-out by (timestamp, item id)",
+        "sampled_track": f"1 positive + {cfg.sampled_negatives} sampled unseen negatives (seed {cfg.seed})",
+        "tie_rule": TIE_RULE,
+        "stage": stage,
+        "rows": rows,
+    }

@@ -1,0 +1,142 @@
+"""The end-to-end recommender: text profile → local FAISS index → ranked items."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import FedrecConfig
+from pipeline.data import Dataset, load_dataset, partition_users
+from pipeline.data.dataset import SplitName
+from pipeline.profile import build_profile
+from retrieval import EmbeddingRetriever, ItemIndex, Query, TextEmbedder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One recommended item."""
+
+    rank: int
+    item_id: object
+    title: str
+    score: float
+
+
+class Recommender:
+    """Holds the dataset, the item embeddings and the index; answers per-user queries.
+
+    Build it with `Recommender.from_config`; heavy parts (embedder, item vectors, index) load on
+    first use and come from the cache when their inputs have not changed.
+    """
+
+    def __init__(self, cfg: FedrecConfig, dataset: Dataset, *, progress: bool = False) -> None:
+        self.cfg = cfg
+        self.dataset = dataset
+        self.progress = progress
+        self.cache_dir = cfg.resolved_cache_dir()
+
+    @classmethod
+    def from_config(cls, cfg: FedrecConfig, *, progress: bool = False) -> Recommender:
+        """Load the dataset named by `cfg` (nothing heavy yet)."""
+        return cls(cfg, load_dataset(cfg.data, cfg.resolved_cache_dir()), progress=progress)
+
+    @cached_property
+    def split(self):  # noqa: ANN201 - pipeline.data.Split
+        return self.dataset.split()
+
+    @cached_property
+    def embedder(self) -> TextEmbedder:
+        e = self.cfg.embedder
+        return TextEmbedder(
+            e.model, batch_size=e.batch_size, normalize=e.normalize,
+            cache_dir=self.cache_dir / "embeddings", device=e.device,
+        )
+
+    @cached_property
+    def item_texts(self) -> list[str]:
+        return self.dataset.catalog.texts(max_tags=self.cfg.data.max_tags if self.cfg.data.use_tags else 0)
+
+    @cached_property
+    def item_vectors(self) -> np.ndarray:
+        """`(n_items, dim)` item-text embeddings."""
+        return self.embedder.encode(self.item_texts, progress=self.progress, description="embed items")
+
+    def index_key(self) -> str:
+        """Hash of what the index depends on: embedder, item texts and factory string."""
+        payload = json.dumps([self.embedder.cache_key(self.item_texts), self.cfg.index.factory])
+        return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+    def index_path(self, client: int | None = None) -> Path:
+        """Cache location of the catalogue index, or of one client's local copy."""
+        name = "catalog.faiss" if client is None else f"client-{client}.faiss"
+        return self.cache_dir / "indexes" / self.index_key() / name
+
+    @cached_property
+    def index(self) -> ItemIndex:
+        """The catalogue index, loaded from the cache or built."""
+        return self.build_index(self.index_path())
+
+    def build_index(self, path: Path, *, rebuild: bool = False) -> ItemIndex:
+        """Load the index at `path` if it matches the current vectors, else build and save it."""
+        meta = {"key": self.index_key(), "n_items": self.dataset.n_items}
+        if path.is_file() and not rebuild:
+            try:
+                return ItemIndex.load(path, expected_dim=self.item_vectors.shape[1], expected_meta=meta)
+            except (ValueError, OSError) as exc:
+                log.warning("rebuilding %s: %s", path, exc)
+        c = self.cfg.index
+        index = ItemIndex.build(self.item_vectors, c.factory, nprobe=c.nprobe, ef_search=c.ef_search, meta=meta)
+        index.save(path)
+        return index
+
+    def client_indices(self, *, rebuild: bool = False) -> dict[int, Path]:
+        """One local index file per client of the configured partition.
+
+        At zero shot every client indexes the same public item texts; each keeps its own copy
+        because training later changes its item vectors.
+        """
+        clients = partition_users(self.dataset, self.split.train(), self.cfg.partition)
+        paths = {}
+        for client in range(len(clients)):
+            path = self.index_path(client)
+            self.build_index(path, rebuild=rebuild)
+            paths[client] = path
+        return paths
+
+    @cached_property
+    def retriever(self) -> EmbeddingRetriever:
+        r = self.cfg.retrieval
+        return EmbeddingRetriever(
+            self.index, self.item_vectors, self.embedder.encode, mode=r.query,
+            history_weight=r.history_weight, recency_decay=r.recency_decay, max_history=r.max_history,
+        )
+
+    def profile(self, user: int, split: SplitName = "test") -> str:
+        """The text profile of user index `user` from what precedes the split's target."""
+        history = self.split.histories(split)[user]
+        ratings = self.dataset.ratings[user][: len(history)]
+        return build_profile(history, self.dataset.catalog, self.cfg.profile, ratings=ratings, count_tokens=self.embedder.count_tokens)
+
+    def queries(self, users: np.ndarray, split: SplitName = "test") -> list[Query]:
+        histories = self.split.histories(split)
+        needs_profile = self.cfg.retrieval.query != "history"
+        return [Query(tuple(histories[u].tolist()), self.profile(u, split) if needs_profile else None) for u in users]
+
+    def score_users(self, users: np.ndarray, split: SplitName = "test") -> np.ndarray:
+        """`(len(users), n_items)` exact retrieval scores, for full-ranking evaluation."""
+        return self.retriever.score_all(self.queries(users, split))
+
+    def recommend(self, user_id: object, k: int = 10, split: SplitName = "test") -> list[Recommendation]:
+        """Top-k unseen items for a user id of the dataset."""
+        user = self.dataset.user_index(user_id)
+        found = self.retriever.retrieve(self.queries(np.array([user]), split)[0], k)
+        cat = self.dataset.catalog
+        return [Recommendation(r + 1, cat.item_ids[c.item].item(), cat.label(c.item), c.score) for r, c in enumerate(found)]
