@@ -259,3 +259,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return FedrecConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, FedrecConfig, source)) from None
+
+
+def _shown(value: Any) -> str:
+    return str(value) if isinstance(value, Path) else repr(value)
+
+
+def reference_markdown() -> str:
+    """The configuration reference as a Markdown table (kept in the README; a test checks it)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for section, field in FedrecConfig.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for name, sub in annotation.model_fields.items():
+                rows.append(f"| `{section}.{name}` | `{_shown(sub.default)}` | {sub.description} |")
+        else:
+            rows.append(f"| `{section}` | `{_shown(field.default)}` | {field.description} |")
+    return "\n".join(rows)

@@ -72,3 +72,9 @@ def test_malformed_override_and_file(tmp_path: Path) -> None:
         load_config(write(tmp_path / "bad.yaml", "data: [unclosed\n"))
     with pytest.raises(ConfigError, match=r"data\.name2: unknown key"):
         load_config(write(tmp_path / "c.yaml", "data:\n  name: ml-100k\n  name2: 1\n"))
+
+
+def test_readme_config_reference_is_current() -> None:
+    from pipeline.config import reference_markdown
+
+    assert reference_markdown() in (REPO / "README.md").read_text(encoding="utf-8")

@@ -1,0 +1,72 @@
+"""Helpers shared by the benchmark scripts: machine facts, timing, and RESULTS.md sections."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+sys.path.insert(0, str(REPO))
+
+
+def data_dir() -> Path:
+    """MovieLens copies: $FEDREC_DATA_DIR or ../shared/data beside the checkout."""
+    env = os.environ.get("FEDREC_DATA_DIR")
+    path = Path(env) if env else REPO.parent / "shared" / "data"
+    if not (path / "ml-latest-small").is_dir():
+        sys.exit(f"benchmark data not found in {path}; set FEDREC_DATA_DIR to a folder holding ml-latest-small/ and ml-100k/")
+    return path
+
+
+def machine() -> str:
+    """CPU model, cores and memory, in one line."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+        mem = f"{mem_kb / 1024 / 1024:.0f} GiB"
+    except (OSError, StopIteration):
+        mem = "?"
+    return f"{cpu}, {os.cpu_count()} cores, {mem} RAM, no GPU, Python {platform.python_version()}"
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
+    """Median wall time of `fn` over `repeats` runs, and all the runs."""
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs), runs
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def update_results(section: str, title: str, command: str, body: str) -> None:
+    """Replace (or append) the section `section` of RESULTS.md, stamped with machine, date and command."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    block = (
+        f"<!-- {section} -->\n## {title}\n\n"
+        f"Command: `{command}`  \nMachine: {machine()}  \nDate: {stamp}\n\n{body.strip()}\n<!-- /{section} -->"
+    )
+    text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n\nEvery figure here is written by the script named in its section.\n"
+    pattern = re.compile(rf"<!-- {re.escape(section)} -->.*?<!-- /{re.escape(section)} -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    from pipeline.io import write_text
+
+    write_text(RESULTS, text)
