@@ -37,10 +37,15 @@ class ItemRetriever(BaseRetriever):
         return [
             Document(
                 page_content=self.item_texts[c.item],
-                metadata={"item_id": self.item_ids[c.item], "item_index": c.item, "score": c.score},
+                metadata={"item_id": _plain(self.item_ids[c.item]), "item_index": c.item, "score": c.score},
             )
             for c in found
         ]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars → Python scalars, so documents serialise cleanly."""
+    return value.item() if hasattr(value, "item") else value
 
 
 __all__ = ["ItemRetriever"]
