@@ -136,26 +136,34 @@ def _show_user(rec, user_index: int, k: int, split: str) -> None:  # noqa: ANN00
     console.print(table)
 
 
+def _number(value: float) -> str:
+    """Metrics print as .0443 (no leading zero) so nine columns fit an 80-column terminal."""
+    text = f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return text[1:] if text.startswith("0.") else text
+
+
 def render_report(report: dict) -> list[Table]:
     """The evaluation report as terminal tables: full ranking, then the sampled track and ceilings."""
     rows = report["rows"]
-    splits = sorted({row["split"] for row in rows})
-    full_keys = [k for k in rows[0] if k not in ("model", "split", "users") and not k.startswith(("sampled", "ceiling"))] if rows else []
-    side_keys = sorted({k for row in rows for k in row if k.startswith(("sampled", "ceiling"))})
+    splits = list(dict.fromkeys(row["split"] for row in rows))
+    side = ("sampled", "ceiling", "users_per_s")
+    full_keys = [k for k in rows[0] if k not in ("model", "split", "users") and not k.startswith(side)] if rows else []
+    side_keys = sorted({k for row in rows for k in row if k.startswith(side)})
     title = f"{report['dataset']} {'/'.join(splits)}: {report['users']:,} users × {report['items']:,} items"
     tables = []
-    for keys, caption in ((full_keys, f"{report['protocol']}\n{report['tie_rule']}"), (side_keys, report["sampled_track"])):
+    side_caption = report["sampled_track"] if report["stage"] == "retrieval" else f"{report.get('backend')}; fusion weight {report.get('fusion_weight')}"
+    for keys, caption in ((full_keys, f"{report['protocol']}\n{report['tie_rule']}"), (side_keys, side_caption)):
         if not keys:
             continue
-        table = Table(title=title if not tables else None, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
+        table = Table(title=title if not tables else None, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         table.add_column("model", no_wrap=True)
         if len(splits) > 1:
             table.add_column("split")
         for key in keys:
-            table.add_column(key.replace("sampled_", "sampled ").replace("ceiling_", "ceiling "), justify="right")
+            table.add_column(key.replace("sampled_", "sampled ").replace("ceiling_", "ceiling ").replace("_per_s", "/s"), justify="right")
         for row in rows:
             cells = [row["split"]] if len(splits) > 1 else []
-            table.add_row(row["model"], *cells, *(f"{row[key]:.4f}" if key in row else "—" for key in keys))
+            table.add_row(row["model"], *cells, *(_number(row[key]) if key in row else "—" for key in keys))
         tables.append(table)
     return tables
 

@@ -131,6 +131,56 @@ class RetrievalConfig(_Section):
     """Candidates returned for reranking."""
 
 
+class LLMConfig(_Section):
+    backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    """`transformers` in-process (default), `openai` for any OpenAI-compatible server (vLLM), `vllm` offline engine."""
+    model: str = "SmolLM2-135M-Instruct"
+    """Model: the packaged SmolLM2-135M-Instruct, a local folder or a model id (also the local tokenizer for `openai`)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype for in-process and offline backends; label scores always come from fp32 logits."""
+    device: str = "cpu"
+    """Torch device for the in-process backend."""
+    batch_size: int = Field(default=4, ge=1)
+    """Prompts per forward pass (in-process) or per request wave (server)."""
+    max_context: int | None = Field(default=None, ge=64)
+    """Prompt budget in tokens (default: the model's context length)."""
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """OpenAI-compatible endpoint for `openai`."""
+    served_model: str | None = None
+    """Model name on the server (default: the first one /v1/models lists)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the server's API key (unset: no key sent)."""
+    concurrency: int = Field(default=4, ge=1)
+    """Requests in flight at once for `openai`."""
+    timeout_s: float = Field(default=60.0, gt=0)
+    """Per-request timeout for `openai`."""
+    max_retries: int = Field(default=3, ge=0)
+    """Retries with exponential backoff on connection errors, timeouts and 5xx for `openai`."""
+
+
+class RerankConfig(_Section):
+    method: Literal["verbalizer", "listwise"] = "verbalizer"
+    """`verbalizer`: label log-probs from one forward pass (LlamaRec); `listwise`: generated ranking (LLMRank baseline)."""
+    label_set: Literal["letters", "letters52"] = "letters"
+    """Candidate labels: A..Z (26) or A..Z a..z (52)."""
+    template: str = "rerank.v1"
+    """Verbalizer prompt (`prompts/templates/<template>.yaml`)."""
+    listwise_template: str = "listwise.v1"
+    """Listwise-generation prompt."""
+    explain_template: str = "explain.v1"
+    """Explanation prompt for demos."""
+    max_history_titles: int = Field(default=10, ge=0)
+    """Most recent history titles listed in the prompt."""
+    max_title_chars: int = Field(default=80, ge=8)
+    """Titles longer than this are cut when the prompt must shrink to fit the context."""
+    fusion_weight: float | None = Field(default=None, ge=0, le=1)
+    """Weight of the LLM score against the retrieval score; None = chosen on validation."""
+    fusion_grid: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    """Weights tried on validation (0 = retrieval order, so reranking never scores below retrieval there)."""
+    explain_max_tokens: int = Field(default=60, ge=1)
+    """Length of a generated explanation."""
+
+
 class EvalConfig(_Section):
     splits: list[Literal["valid", "test"]] = ["test"]
     """Splits to evaluate."""
@@ -168,6 +218,10 @@ class FedrecConfig(_Section):
     """FAISS index."""
     retrieval: RetrievalConfig = RetrievalConfig()
     """Candidate retrieval."""
+    llm: LLMConfig = LLMConfig()
+    """LLM backend."""
+    rerank: RerankConfig = RerankConfig()
+    """LLM reranking."""
     eval: EvalConfig = EvalConfig()
     """Evaluation protocol."""
     cache_dir: Path | None = None

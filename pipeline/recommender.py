@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,7 +16,13 @@ from pipeline.config import FedrecConfig
 from pipeline.data import Dataset, load_dataset, partition_users
 from pipeline.data.dataset import SplitName
 from pipeline.profile import build_profile
-from retrieval import EmbeddingRetriever, ItemIndex, Query, TextEmbedder
+from retrieval import Candidate, EmbeddingRetriever, ItemIndex, Query, TextEmbedder
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.llm.base import LLMBackend
+    from pipeline.rerank import RerankRequest, Reranker
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +35,10 @@ class Recommendation:
     item_id: object
     title: str
     score: float
+    retrieval_rank: int | None = None
+    """1-based position before reranking (None when not reranked)."""
+    llm_score: float | None = None
+    """Label log-probability from the LLM (None when not reranked)."""
 
 
 class Recommender:
@@ -134,9 +145,70 @@ class Recommender:
         """`(len(users), n_items)` exact retrieval scores, for full-ranking evaluation."""
         return self.retriever.score_all(self.queries(users, split))
 
-    def recommend(self, user_id: object, k: int = 10, split: SplitName = "test") -> list[Recommendation]:
-        """Top-k unseen items for a user id of the dataset."""
-        user = self.dataset.user_index(user_id)
-        found = self.retriever.retrieve(self.queries(np.array([user]), split)[0], k)
+    def candidates(self, users: np.ndarray, split: SplitName = "test") -> list[list[Candidate]]:
+        """Top `retrieval.num_candidates` unseen items per user from the local index."""
+        return self.retriever.retrieve_batch(self.queries(users, split), self.cfg.retrieval.num_candidates)
+
+    def rerank_requests(self, users: np.ndarray, split: SplitName = "test") -> list[RerankRequest]:
+        """Profile, history and retrieved candidates of each user, ready for the reranker."""
+        from pipeline.rerank import RerankRequest
+
+        histories = self.split.histories(split)
+        return [
+            RerankRequest(self.profile(int(u), split), tuple(histories[u].tolist()), tuple(cands))
+            for u, cands in zip(users, self.candidates(users, split), strict=True)
+        ]
+
+    @cached_property
+    def backend(self) -> LLMBackend:
+        """The configured LLM backend (loaded on first use)."""
+        from pipeline.llm.factory import make_backend
+
+        return make_backend(self.cfg.llm, self.cache_dir)
+
+    def fusion_key(self) -> str:
+        """Hash of everything a tuned fusion weight depends on."""
+        parts = [self.index_key(), self.cfg.llm.model, self.cfg.llm.dtype, self.cfg.rerank.model_dump_json(exclude={"fusion_weight"}),
+                 self.cfg.retrieval.model_dump_json(), self.cfg.profile.model_dump_json()]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+    def fusion_path(self) -> Path:
+        return self.cache_dir / "fusion" / f"{self.fusion_key()}.json"
+
+    def fusion_weight(self) -> float:
+        """The configured weight, else the one tuned on validation by `fedrec evaluate --stage rerank`, else 1 (LLM only)."""
+        if self.cfg.rerank.fusion_weight is not None:
+            return self.cfg.rerank.fusion_weight
+        if self.fusion_path().is_file():
+            return float(json.loads(self.fusion_path().read_text())["weight"])
+        log.warning("no fusion weight tuned for this setup yet (run `fedrec evaluate --stage rerank`); using the LLM score alone")
+        return 1.0
+
+    def reranker(self, *, soft_prompt: torch.Tensor | None = None, fusion_weight: float | None = None) -> Reranker:
+        """The configured reranker over this recommender's catalogue and backend."""
+        from pipeline.rerank import ListwiseReranker, PromptBuilder, VerbalizerReranker
+
+        builder = PromptBuilder(self.backend, self.dataset.catalog, self.cfg.rerank)
+        if self.cfg.rerank.method == "listwise":
+            return ListwiseReranker(self.backend, builder)
+        weight = self.fusion_weight() if fusion_weight is None else fusion_weight
+        return VerbalizerReranker(self.backend, builder, fusion_weight=weight, soft_prompt=soft_prompt)
+
+    def recommend(self, user_id: object, k: int = 10, split: SplitName = "test", *, rerank: bool = False) -> list[Recommendation]:
+        """Top-k unseen items for a user id of the dataset, optionally reranked by the LLM."""
+        user = np.array([self.dataset.user_index(user_id)])
         cat = self.dataset.catalog
-        return [Recommendation(r + 1, cat.item_ids[c.item].item(), cat.label(c.item), c.score) for r, c in enumerate(found)]
+        if not rerank:
+            found = self.retriever.retrieve(self.queries(user, split)[0], k)
+            return [Recommendation(r + 1, cat.item_ids[c.item].item(), cat.label(c.item), c.score) for r, c in enumerate(found)]
+        ranked = self.reranker().rerank(self.rerank_requests(user, split)[0])[:k]
+        return [
+            Recommendation(r + 1, cat.item_ids[x.item].item(), cat.label(x.item), x.score, x.retrieval_rank + 1, x.llm_score)
+            for r, x in enumerate(ranked)
+        ]
+
+    def explain(self, user_id: object, titles: list[str], split: SplitName = "test") -> str:
+        """A generated note on why `titles` suit the user."""
+        from pipeline.rerank import explain
+
+        return explain(self.backend, self.profile(self.dataset.user_index(user_id), split), titles, self.cfg.rerank)

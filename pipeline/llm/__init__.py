@@ -1,0 +1,1 @@
+"""LLM backends: in-process transformers (default), OpenAI-compatible servers (vLLM), vLLM offline."""

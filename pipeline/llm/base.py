@@ -1,0 +1,112 @@
+"""The LLM backend contract: label log-probabilities in one forward pass, and generation.
+
+Every backend scores the same rendered chat prompt the same way: the next-token logits at
+the answer position, restricted to the label tokens, in fp32, log-softmaxed over the labels.
+A soft prompt is a `(m, hidden)` tensor of input embeddings placed immediately before the
+first user message's content.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+Messages = list[dict[str, str]]
+SOFT_PROMPT_SLOT = "\u2063soft-prompt\u2063"
+"""Marker rendered where the soft prompt goes, then split out before tokenisation."""
+
+
+class LLMError(RuntimeError):
+    """The LLM backend failed (server down, missing server flag, timeout) — the message says which."""
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """Token ids of a rendered prompt, split around the soft-prompt slot when there is one."""
+
+    prefix: list[int]
+    suffix: list[int]
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prefix + self.suffix
+
+
+class LLMBackend(ABC):
+    """Scores candidate labels and generates text for chat prompts."""
+
+    tokenizer: Any
+    context_length: int
+
+    @abstractmethod
+    def score_labels(
+        self, prompts: Sequence[Messages], labels: Sequence[str], soft_prompt: torch.Tensor | None = None
+    ) -> np.ndarray:
+        """`(len(prompts), len(labels))` float32 log-probabilities over the labels (each row's exp sums to 1)."""
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[Messages], *, max_tokens: int = 64) -> list[str]:
+        """Greedy completions of each prompt."""
+
+    def describe(self) -> str:
+        """One line naming the backend and model, for logs and status pages."""
+        return type(self).__name__
+
+    def render(self, messages: Messages) -> str:
+        """The chat-template text of `messages`, ending where the assistant's answer starts."""
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def prompt_tokens(self, messages: Messages) -> int:
+        """Length of the rendered prompt in tokens."""
+        return self.count_tokens(self.render(messages))
+
+    def encode(self, messages: Messages, *, with_slot: bool) -> EncodedPrompt:
+        """Token ids of the rendered prompt; with `with_slot`, split where the soft prompt goes."""
+        if not with_slot:
+            return EncodedPrompt(self._ids(self.render(messages)), [])
+        marked = [dict(m) for m in messages]
+        first_user = next((i for i, m in enumerate(marked) if m["role"] == "user"), None)
+        if first_user is None:
+            raise ValueError("a soft prompt needs a user message to precede; the prompt has none")
+        marked[first_user]["content"] = SOFT_PROMPT_SLOT + marked[first_user]["content"]
+        before, _, after = self.render(marked).partition(SOFT_PROMPT_SLOT)
+        return EncodedPrompt(self._ids(before), self._ids(after))
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def label_ids(self, labels: Sequence[str]) -> list[int]:
+        """Token id of each label, checking that every label is exactly one token.
+
+        Raises:
+            ValueError: a label is several tokens, or two labels share a token.
+        """
+        ids = []
+        for label in labels:
+            encoded = self._ids(label)
+            if len(encoded) != 1:
+                raise ValueError(
+                    f"label {label!r} is {len(encoded)} tokens in this tokenizer, but verbalizer scoring needs "
+                    "single-token labels; use rerank.label_set=letters or a model whose tokenizer has them"
+                )
+            ids.append(encoded[0])
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"labels {list(labels)} do not map to distinct tokens in this tokenizer")
+        return ids
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64, returned as float32."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return (shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))).astype(np.float32)
