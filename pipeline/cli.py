@@ -114,26 +114,41 @@ def recommend(
     overrides: SetOpt = None,
     k: Annotated[int, typer.Option("-k", min=1, help="How many items to show.")] = 10,
     split: SplitOpt = "test",
+    rerank: Annotated[bool, typer.Option("--rerank/--no-rerank", help="Rerank the retrieved candidates with the LLM.")] = False,
+    explain: Annotated[bool, typer.Option("--explain/--no-explain", help="Generate a short explanation (with --rerank).")] = False,
 ) -> None:
     """Print a user's text profile and top-k recommendations."""
     cfg = _config(config, overrides)
     rec = _recommender(cfg)
     user_index = rec.dataset.user_index(user)
-    _show_user(rec, user_index, k, _check_split(split))
+    _show_user(rec, user_index, k, _check_split(split), rerank=rerank, explain=explain)
 
 
-def _show_user(rec, user_index: int, k: int, split: str) -> None:  # noqa: ANN001
+def _show_user(rec, user_index: int, k: int, split: str, *, rerank: bool = False, explain: bool = False) -> None:  # noqa: ANN001
     raw_id = rec.dataset.user_ids[user_index]
     console.print(Panel(rec.profile(user_index, split), title=f"user {raw_id}: text profile", expand=False))
-    results = rec.recommend(raw_id, k, split)
+    if rerank:
+        with console.status(f"reranking with {rec.cfg.llm.backend}: {rec.cfg.llm.model}"):
+            results = rec.recommend(raw_id, k, split, rerank=True)
+    else:
+        results = rec.recommend(raw_id, k, split)
     target = rec.split.targets(split)[user_index]
-    table = Table(title=f"top {k} for user {raw_id} (held-out {split} item: {rec.dataset.catalog.label(target)})")
-    for column, justify in (("rank", "right"), ("item", "right"), ("title", "left"), ("score", "right")):
+    title = f"top {k} for user {raw_id}{' (reranked)' if rerank else ''}; held-out {split} item: {rec.dataset.catalog.label(target)}"
+    table = Table(title=title)
+    columns = [("rank", "right"), ("item", "right"), ("title", "left"), ("score", "right")]
+    if rerank:
+        columns += [("was", "right"), ("LLM log-p", "right")]
+    for column, justify in columns:
         table.add_column(column, justify=justify)
     for r in results:
         hit = " ✓" if rec.dataset.catalog.index_of(r.item_id) == target else ""
-        table.add_row(str(r.rank), str(r.item_id), r.title + hit, f"{r.score:.4f}")
+        extra = [str(r.retrieval_rank), f"{r.llm_score:.3f}"] if rerank else []
+        table.add_row(str(r.rank), str(r.item_id), r.title + hit, f"{r.score:.4f}", *extra)
     console.print(table)
+    if explain:
+        with console.status("writing an explanation"):
+            note = rec.explain(raw_id, [r.title for r in results[:3]], split)
+        console.print(Panel(note, title="why these picks", expand=False))
 
 
 def _number(value: float) -> str:
@@ -184,11 +199,38 @@ def _run_evaluation(cfg: FedrecConfig, stage: str, output: Path | None) -> dict:
     return report
 
 
+@app.command("rerank")
+def rerank_job(
+    input_path: Annotated[Path, typer.Option("--input", "-i", help="JSONL requests: {id, user_id | history, [candidates], [k]} per line.")],
+    output_path: Annotated[Path, typer.Option("--output", "-o", help="JSONL results (resumable: rerun the same command to continue).")],
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    errors_path: Annotated[Path | None, typer.Option("--errors", help="Bad rows with line numbers (default: <output>.errors.jsonl).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Requests per LLM batch and per checkpoint.")] = 16,
+    engine: Annotated[str, typer.Option(help="local (resumable) or ray (Ray Data map_batches; output is a folder).")] = "local",
+) -> None:
+    """Batch offline reranking of JSONL requests."""
+    from pipeline.batch import run_job, run_ray
+
+    cfg = _config(config, overrides)
+    if engine == "ray":
+        run_ray(cfg, input_path, output_path, batch_size=batch_size)
+        console.print(f"[green]wrote[/green] {output_path}/")
+        return
+    if engine != "local":
+        raise FedrecError(f"--engine must be local or ray, got {engine!r}")
+    summary = run_job(cfg, input_path, output_path, errors_path=errors_path, batch_size=batch_size, progress=True)
+    console.print(
+        f"rows ok {summary.ok:,}, failed {summary.failed:,}, skipped (already done) {summary.skipped:,}; "
+        f"{summary.rows_per_s:.1f} rows/s over {summary.seconds:.1f} s → {output_path}"
+    )
+
+
 @app.command()
 def evaluate(
     config: ConfigOpt = None,
     overrides: SetOpt = None,
-    stage: Annotated[str, typer.Option(help="Pipeline stage to evaluate: retrieval.")] = "retrieval",
+    stage: Annotated[str, typer.Option(help="Pipeline stage to evaluate: retrieval or rerank.")] = "retrieval",
     output: Annotated[Path | None, typer.Option(help="JSON report path (default: <output_dir>/eval-<dataset>-<stage>.json).")] = None,
 ) -> None:
     """Full-ranking evaluation (Recall/NDCG@k, MRR, sampled HR/NDCG@10) of baselines and the pipeline."""

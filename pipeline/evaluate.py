@@ -227,7 +227,7 @@ def evaluate_recommender(rec: Recommender, *, stage: str = "retrieval", progress
     Returns:
         A JSON-ready report: dataset, protocol, tie rule and one row per (model, split).
     """
-    from rich.progress import Progress
+    from pipeline.ui import rate_progress
 
     if stage not in ("retrieval", "rerank"):
         raise ValueError(f"--stage {stage!r} is not available; use --stage retrieval or --stage rerank")
@@ -238,7 +238,7 @@ def evaluate_recommender(rec: Recommender, *, stage: str = "retrieval", progress
     users = np.arange(data.n_users if cfg.max_users is None else min(cfg.max_users, data.n_users))
     negatives = sample_negatives([data.sequences[u] for u in range(data.n_users)], data.n_items, cfg.sampled_negatives, cfg.seed)
     rows = []
-    with Progress(*Progress.get_default_columns(), transient=True, disable=not progress) as bar:
+    with rate_progress("users", enabled=progress) as bar:
         for split_name in cfg.splits:
             scorers: list[tuple[Scorer, int | None]] = []
             for name in cfg.baselines:
@@ -290,10 +290,9 @@ def evaluate_rerank(rec: Recommender, *, progress: bool = False) -> dict:
     """
     import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from pipeline.io import write_json
     from pipeline.rerank import VerbalizerReranker, choose_fusion_weight, fuse, order_by
+    from pipeline.ui import rate_progress
 
     cfg = rec.cfg.eval
     data = rec.dataset
@@ -301,8 +300,7 @@ def evaluate_rerank(rec: Recommender, *, progress: bool = False) -> dict:
     reranker = rec.reranker(fusion_weight=1.0)
     splits = ["valid", *[s for s in cfg.splits if s != "valid"]] if rec.cfg.rerank.fusion_weight is None else list(cfg.splits)
     requests, llm, seconds = {}, {}, {}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} users/s"), TimeRemainingColumn())
-    with Progress(*columns, transient=True, disable=not progress) as bar:
+    with rate_progress("users", enabled=progress) as bar:
         for split_name in splits:
             requests[split_name] = rec.rerank_requests(users, split_name)
             task = bar.add_task(f"rerank {split_name}", total=len(users))

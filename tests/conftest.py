@@ -118,3 +118,69 @@ def small_config(path: Path, fmt: str = "auto", **data: object):
 
     return FedrecConfig.model_validate({"data": {"name": "custom", "path": str(path), "format": fmt,
                                                  "min_user_interactions": 3, "min_item_interactions": 1, **data}})
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama whose tokenizer has single-token labels A..Z (built once per session)."""
+    from tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The vLLM CPU server on 127.0.0.1 serving the tiny model, started from .venv-vllm (or $FEDREC_VLLM_PYTHON).
+
+    Yields the base URL (`http://127.0.0.1:PORT/v1`). Outside CI a missing venv skips; in CI it fails.
+    """
+    import subprocess
+    import time
+
+    import httpx
+
+    python = Path(os.environ.get("FEDREC_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+    if not python.exists():
+        message = f"vLLM venv not found at {python}; build it with `make vllm-venv`"
+        if os.environ.get("CI") in ("true", "1"):
+            pytest.fail(message)
+        pytest.skip(message)
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    command = [
+        str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_llama), "--enforce-eager",
+        "--enable-prompt-embeds", "--logprobs-mode", "processed_logprobs", "--max-logprobs", "52",
+        "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
+    ]
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"vLLM server exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM server not ready after 300 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -103,6 +104,18 @@ class LLMBackend(ABC):
         if len(set(ids)) != len(ids):
             raise ValueError(f"labels {list(labels)} do not map to distinct tokens in this tokenizer")
         return ids
+
+
+def read_embedding_table(model_dir: str | Path) -> torch.Tensor:
+    """`(vocab, hidden)` fp32 input embeddings from a model folder's safetensors (for soft prompts sent as embeddings)."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            key = next((k for k in handle.keys() if k.endswith("embed_tokens.weight")), None)
+            if key:
+                return handle.get_tensor(key).float()
+    raise LLMError(f"no embed_tokens.weight in {model_dir}; soft prompts need the model's safetensors locally")
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

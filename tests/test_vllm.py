@@ -1,0 +1,74 @@
+"""The served model: vLLM's OpenAI-compatible CPU server against the in-process backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.llm.openai_backend import OpenAIBackend
+from pipeline.llm.transformers_backend import TransformersBackend
+
+pytestmark = pytest.mark.vllm
+LABELS = [chr(c) for c in range(ord("A"), ord("T") + 1)]
+
+
+def _messages(n: int = 6) -> list[list[dict[str, str]]]:
+    candidates = " ".join(f"({label}) film {i}" for i, label in enumerate(LABELS))
+    return [
+        [{"role": "system", "content": "Rank the candidates."},
+         {"role": "user", "content": f"User who likes {'drama ' * (k + 1)}and comedy.\nCandidates: {candidates}\nAnswer with one letter."}]
+        for k in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def local(tiny_llama: Path) -> TransformersBackend:
+    return TransformersBackend(str(tiny_llama))
+
+
+@pytest.fixture(scope="module")
+def served(vllm_server: str, tiny_llama: Path) -> OpenAIBackend:
+    return OpenAIBackend(vllm_server, tokenizer=str(tiny_llama), concurrency=4, timeout_s=60)
+
+
+def test_served_and_in_process_label_log_probs_agree(local: TransformersBackend, served: OpenAIBackend) -> None:
+    a = local.score_labels(_messages(), LABELS)
+    b = served.score_labels(_messages(), LABELS)
+    assert b.shape == (6, 20)
+    np.testing.assert_allclose(np.exp(b).sum(axis=1), 1.0, atol=1e-4)
+    assert np.abs(a - b).max() <= 1e-3
+
+
+def test_prompt_embeds_of_own_tokens_equal_the_tokens(served: OpenAIBackend) -> None:
+    """A zero-length soft prompt sends the whole prompt as embeddings (Completions API): same scores as tokens."""
+    tokens = served.score_labels(_messages(3), LABELS)
+    embeds = served.score_labels(_messages(3), LABELS, soft_prompt=torch.zeros(0, served.embedding_table.shape[1]))
+    assert np.abs(tokens - embeds).max() <= 1e-3
+
+
+def test_soft_prompt_changes_scores_identically_on_both_backends(local: TransformersBackend, served: OpenAIBackend) -> None:
+    soft = torch.randn(5, local.hidden_size, generator=torch.Generator().manual_seed(1))
+    plain = served.score_labels(_messages(3), LABELS)
+    a = local.score_labels(_messages(3), LABELS, soft_prompt=soft)
+    b = served.score_labels(_messages(3), LABELS, soft_prompt=soft)
+    assert np.abs(b - plain).max() > 1e-2
+    assert np.abs(a - b).max() <= 1e-3
+
+
+def test_generation_through_the_server(served: OpenAIBackend) -> None:
+    texts = served.generate(_messages(2), max_tokens=5)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_too_many_logprobs_names_the_server_flag(served: OpenAIBackend) -> None:
+    from pipeline.llm.base import LLMError
+
+    labels52 = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    served.score_labels(_messages(1), labels52)  # the CI server allows 52
+    with pytest.raises(LLMError, match=r"--max-logprobs"):
+        served._request("POST", "/chat/completions", {
+            "model": served.served_model, "messages": _messages(1)[0], "max_tokens": 1, "logprobs": True, "top_logprobs": 60,
+        })
