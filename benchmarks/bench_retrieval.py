@@ -54,7 +54,7 @@ def main() -> None:
     numpy_s, _ = median_time(lambda: brute_force(vectors, queries, K), args.repeats)
     rows.append(["numpy brute force", "—", "—", f"{len(queries) / numpy_s:,.0f}", "1.00×", "1.000"])
     for factory, nprobe in FACTORIES:
-        build_s, _ = median_time(lambda f=factory: ItemIndex.build(vectors, f, nprobe=nprobe, ef_search=64), args.repeats)
+        build_s, _ = median_time(lambda f=factory, p=nprobe: ItemIndex.build(vectors, f, nprobe=p, ef_search=64), args.repeats)
         index = ItemIndex.build(vectors, factory, nprobe=nprobe, ef_search=64)
         search_s, _ = median_time(lambda i=index: i.index.search(queries, K), args.repeats * 3)
         _, ids = index.index.search(queries, K)

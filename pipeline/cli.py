@@ -24,6 +24,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect and prepare datasets.
 index_app = typer.Typer(no_args_is_help=True, help="Build FAISS indices.")
 app.add_typer(data_app, name="data")
 app.add_typer(index_app, name="index")
+config_app = typer.Typer(no_args_is_help=True, help="Show configurations.")
+app.add_typer(config_app, name="config")
 console = Console()
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/*.yaml); defaults when omitted.")]
@@ -46,6 +48,23 @@ def _check_split(split: str) -> str:
     if split not in ("valid", "test"):
         raise FedrecError(f"--split must be valid or test, got {split!r}")
     return split
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Print the fully resolved configuration as YAML."""
+    import yaml
+
+    cfg = _config(config, overrides)
+    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False, markup=False)
+
+
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print every configuration key with its default and meaning (Markdown)."""
+    from pipeline.config import reference_markdown
+
+    console.print(reference_markdown(), highlight=False, markup=False, soft_wrap=True)
 
 
 @data_app.command("info")

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 
@@ -136,12 +143,12 @@ class LLMConfig(_Section):
     """`transformers` in-process (default), `openai` for any OpenAI-compatible server (vLLM), `vllm` offline engine."""
     model: str = "SmolLM2-135M-Instruct"
     """Model: the packaged SmolLM2-135M-Instruct, a local folder or a model id (also the local tokenizer for `openai`)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights dtype for in-process and offline backends; label scores always come from fp32 logits."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Weights dtype for in-process and offline backends (bf16 is ~2x faster on CPU); label scores always come from fp32 logits."""
     device: str = "cpu"
     """Torch device for the in-process backend."""
-    batch_size: int = Field(default=4, ge=1)
-    """Prompts per forward pass (in-process) or per request wave (server)."""
+    batch_size: int = Field(default=1, ge=1)
+    """Prompts per in-process forward pass (1 is fastest on CPU: padded batches cost more than they save)."""
     max_context: int | None = Field(default=None, ge=64)
     """Prompt budget in tokens (default: the model's context length)."""
     base_url: str = "http://127.0.0.1:8000/v1"

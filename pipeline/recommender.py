@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from pipeline.llm.base import LLMBackend
-    from pipeline.rerank import RerankRequest, Reranker
+    from pipeline.rerank import Reranker, RerankRequest
 
 log = logging.getLogger(__name__)
 

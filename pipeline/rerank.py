@@ -92,7 +92,9 @@ class PromptBuilder:
         budget = self.backend.context_length - reserve
 
         def render(hist: list[str], limit: int | None) -> Messages:
-            cut = (lambda t: t if limit is None or len(t) <= limit else t[: limit - 1] + "…")
+            def cut(title: str) -> str:
+                return title if limit is None or len(title) <= limit else title[: limit - 1] + "…"
+
             return prompts.render_chat(
                 template, profile=request.profile, history=[cut(t) for t in hist],
                 candidates=[{"label": lab, "title": cut(t)} for lab, t in zip(labels, titles, strict=True)], labels=labels,

@@ -116,3 +116,29 @@ def test_demo_runs_end_to_end(monkeypatch, capsys, tmp_path: Path) -> None:
     assert code == 0, out
     assert out.count("text profile") == 2 and "item index ready" in out
     assert (tmp_path / "eval-ml-100k-retrieval.json").is_file()
+
+
+def test_recommend_with_rerank_and_explanation(monkeypatch, capsys, tiny_llama: Path) -> None:
+    code, out = run(monkeypatch, capsys, "recommend", "--user", "1", "-c", TINY, "-k", "4", "--rerank", "--explain",
+                    "--set", f"llm.model={tiny_llama}", "--set", "rerank.fusion_weight=0.5")
+    assert code == 0, out
+    assert "(reranked)" in out and "LLM log-p" in out and "why these picks" in out
+
+
+def test_evaluate_rerank_tunes_and_saves_the_fusion_weight(monkeypatch, capsys, tiny_llama: Path, tmp_path: Path) -> None:
+    target = tmp_path / "rerank.json"
+    args = ["-c", TINY, "--set", f"llm.model={tiny_llama}", "--set", "eval.max_users=12", "--set", "retrieval.num_candidates=8"]
+    code, out = run(monkeypatch, capsys, "evaluate", *args, "--stage", "rerank", "--output", str(target))
+    assert code == 0, out
+    report = json.loads(target.read_text())
+    weight = report["fusion_weight"]
+    table = {float(k): v for k, v in report["fusion_table"].items()}
+    assert weight in table and table[weight] >= table[0.0]
+    rows = {(r["model"], r["split"]): r for r in report["rows"]}
+    assert set(rows) == {(m, s) for m in ("retrieval top-8", "verbalizer", f"verbalizer+fusion {weight:g}") for s in ("valid", "test")}
+    for split in ("valid", "test"):
+        retrieval = rows[("retrieval top-8", split)]
+        assert retrieval["R@20"] == retrieval["ceiling_R@8"]  # reranking 8 candidates cannot reach past them
+    assert rows[(f"verbalizer+fusion {weight:g}", "valid")]["N@10"] >= rows[("retrieval top-8", "valid")]["N@10"] - 1e-12
+    code, out = run(monkeypatch, capsys, "recommend", "--user", "1", *args, "--rerank")
+    assert code == 0 and "no fusion weight tuned" not in out

@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.llm.base import LLMBackend, LLMError, Messages, log_softmax, read_embedding_table
+from pipeline.llm.base import (
+    LLMBackend,
+    LLMError,
+    Messages,
+    log_softmax,
+    read_embedding_table,
+)
 
 if TYPE_CHECKING:
     import torch
