@@ -262,8 +262,9 @@ def demo(
     overrides: SetOpt = None,
     users: Annotated[int, typer.Option(min=1, help="How many users to show recommendations for.")] = 3,
     k: Annotated[int, typer.Option("-k", min=1, help="Items per user.")] = 10,
+    rerank: Annotated[bool, typer.Option("--rerank/--no-rerank", help="Rerank with the LLM and explain the first user's picks.")] = True,
 ) -> None:
-    """The main job: prepare data and index, show a few users' recommendations, then evaluate."""
+    """The main job: prepare data and index, show a few users' (reranked) recommendations, then evaluate retrieval."""
     cfg = _config(config, overrides)
     rec = _recommender(cfg)
     stats = rec.dataset.stats()
@@ -272,9 +273,15 @@ def demo(
     start = time.perf_counter()
     rec.index  # noqa: B018
     console.print(f"item index ready: {len(rec.index):,} × {rec.index.dim} ({cfg.index.factory}) in {time.perf_counter() - start:.1f} s")
+    if rerank:
+        start = time.perf_counter()
+        with console.status(f"loading the LLM ({cfg.llm.model}, {cfg.llm.dtype})"):
+            rec.backend  # noqa: B018
+        console.print(f"LLM ready: {rec.backend.describe()} in {time.perf_counter() - start:.1f} s")
     rng = np.random.default_rng(cfg.eval.seed)
-    for user_index in sorted(rng.choice(rec.dataset.n_users, size=min(users, rec.dataset.n_users), replace=False)):
-        _show_user(rec, int(user_index), k, "test")
+    chosen = sorted(rng.choice(rec.dataset.n_users, size=min(users, rec.dataset.n_users), replace=False))
+    for position, user_index in enumerate(chosen):
+        _show_user(rec, int(user_index), k, "test", rerank=rerank, explain=rerank and position == 0)
     _run_evaluation(cfg, "retrieval", None)
 
 

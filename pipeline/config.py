@@ -163,6 +163,8 @@ class LLMConfig(_Section):
     """Per-request timeout for `openai`."""
     max_retries: int = Field(default=3, ge=0)
     """Retries with exponential backoff on connection errors, timeouts and 5xx for `openai`."""
+    soft_prompt_transport: Literal["chat", "completions"] = "chat"
+    """How `openai` sends a soft prompt: a `prompt_embeds` chat content part, or full-prompt embeddings on /completions."""
 
 
 class RerankConfig(_Section):

@@ -111,10 +111,12 @@ def test_data_prepare_is_atomic(monkeypatch, capsys, tmp_path: Path) -> None:
     assert not fresh.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_demo_runs_end_to_end(monkeypatch, capsys, tmp_path: Path) -> None:
-    code, out = run(monkeypatch, capsys, "demo", "-c", TINY, "--users", "2", "--set", f"output_dir={tmp_path}")
+def test_demo_runs_end_to_end(monkeypatch, capsys, tmp_path: Path, tiny_llama: Path) -> None:
+    code, out = run(monkeypatch, capsys, "demo", "-c", TINY, "--users", "2", "--set", f"output_dir={tmp_path}",
+                    "--set", f"llm.model={tiny_llama}", "--set", "rerank.fusion_weight=0.5")
     assert code == 0, out
-    assert out.count("text profile") == 2 and "item index ready" in out
+    assert out.count("text profile") == 2 and "item index ready" in out and "LLM ready" in out
+    assert out.count("(reranked)") == 2 and out.count("why these picks") == 1
     assert (tmp_path / "eval-ml-100k-retrieval.json").is_file()
 
 

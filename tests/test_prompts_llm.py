@@ -85,27 +85,26 @@ def test_label_log_probs_are_normalised_and_batch_invariant(backend: Transformer
     np.testing.assert_allclose(batched, reference, atol=1e-4)
 
 
-def test_soft_prompt_of_zero_length_changes_nothing_and_a_real_one_does(backend: TransformersBackend) -> None:
+def _with_line(messages: list[dict[str, str]], line: str) -> list[dict[str, str]]:
+    """The messages with `line` as the first line of the user content (where the soft prompt goes)."""
+    return [dict(m, content=f"{line}\n{m['content']}") if m["role"] == "user" else m for m in messages]
+
+
+def test_soft_prompt_sits_on_its_own_line_before_the_user_text(backend: TransformersBackend) -> None:
     labels = list("ABCDE")
-    plain = backend.score_labels(_messages(), labels)
     empty = backend.score_labels(_messages(), labels, soft_prompt=torch.zeros(0, backend.hidden_size))
-    np.testing.assert_allclose(plain, empty, atol=1e-5)
+    newline = backend.score_labels([_with_line(m, "") for m in _messages()], labels)
+    np.testing.assert_allclose(empty, newline, atol=1e-5)
     soft = torch.randn(4, backend.hidden_size, generator=torch.Generator().manual_seed(0))
-    assert np.abs(backend.score_labels(_messages(), labels, soft_prompt=soft) - plain).max() > 1e-2
+    assert np.abs(backend.score_labels(_messages(), labels, soft_prompt=soft) - newline).max() > 1e-2
 
 
 def test_own_token_embeddings_as_soft_prompt_equal_the_tokens(backend: TransformersBackend) -> None:
-    """Moving the first user tokens into the soft prompt slot as their embeddings leaves scores unchanged."""
     labels = list("ABCDE")
-    messages = _messages(1)[0]
-    encoded = backend.encode(messages, with_slot=True)
-    assert encoded.ids == backend.encode(messages, with_slot=False).ids
-    head = backend.embed_tokens(encoded.suffix[:4])
-    from pipeline.llm.base import EncodedPrompt
-
-    with torch.no_grad():
-        moved = backend.label_logits(backend.last_hidden([EncodedPrompt(encoded.prefix, encoded.suffix[4:])], head), backend.label_ids(labels))
-    np.testing.assert_allclose(torch.log_softmax(moved, -1).numpy(), backend.score_labels([messages], labels), atol=1e-5)
+    words = backend.embed_tokens(backend.tokenizer("Hello there", add_special_tokens=False)["input_ids"])
+    as_embeddings = backend.score_labels(_messages(), labels, soft_prompt=words)
+    as_text = backend.score_labels([_with_line(m, "Hello there") for m in _messages()], labels)
+    np.testing.assert_allclose(as_embeddings, as_text, atol=1e-5)
 
 
 def test_bf16_scores_come_from_fp32_logits(tiny_llama: Path) -> None:

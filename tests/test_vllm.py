@@ -42,14 +42,23 @@ def test_served_and_in_process_label_log_probs_agree(local: TransformersBackend,
     assert np.abs(a - b).max() <= 1e-3
 
 
-def test_prompt_embeds_of_own_tokens_equal_the_tokens(served: OpenAIBackend) -> None:
-    """A zero-length soft prompt sends the whole prompt as embeddings (Completions API): same scores as tokens."""
-    tokens = served.score_labels(_messages(3), LABELS)
-    embeds = served.score_labels(_messages(3), LABELS, soft_prompt=torch.zeros(0, served.embedding_table.shape[1]))
-    assert np.abs(tokens - embeds).max() <= 1e-3
+def _with_line(messages: list[dict[str, str]], line: str) -> list[dict[str, str]]:
+    return [dict(m, content=f"{line}\n{m['content']}") if m["role"] == "user" else m for m in messages]
 
 
-def test_soft_prompt_changes_scores_identically_on_both_backends(local: TransformersBackend, served: OpenAIBackend) -> None:
+@pytest.mark.parametrize("transport", ["chat", "completions"])
+def test_prompt_embeds_of_own_tokens_equal_the_tokens(served: OpenAIBackend, transport: str) -> None:
+    """The model's own token embeddings sent as prompt_embeds score exactly like the tokens sent as text."""
+    served.soft_prompt_transport = transport
+    ids = served.tokenizer("Hello there", add_special_tokens=False)["input_ids"]
+    as_embeddings = served.score_labels(_messages(3), LABELS, soft_prompt=served.embedding_table[ids])
+    as_text = served.score_labels([_with_line(m, "Hello there") for m in _messages(3)], LABELS)
+    assert np.abs(as_embeddings - as_text).max() <= 1e-3
+
+
+@pytest.mark.parametrize("transport", ["chat", "completions"])
+def test_soft_prompt_changes_scores_identically_on_both_backends(local: TransformersBackend, served: OpenAIBackend, transport: str) -> None:
+    served.soft_prompt_transport = transport
     soft = torch.randn(5, local.hidden_size, generator=torch.Generator().manual_seed(1))
     plain = served.score_labels(_messages(3), LABELS)
     a = local.score_labels(_messages(3), LABELS, soft_prompt=soft)

@@ -2,8 +2,10 @@
 
 Every backend scores the same rendered chat prompt the same way: the next-token logits at
 the answer position, restricted to the label tokens, in fp32, log-softmaxed over the labels.
-A soft prompt is a `(m, hidden)` tensor of input embeddings placed immediately before the
-first user message's content.
+A soft prompt is a `(m, hidden)` tensor of input embeddings on its own line at the start of the
+first user message: the user content becomes `<soft prompt>` + "\n" + content. That is exactly
+what vLLM renders for a chat message whose content parts are `[prompt_embeds, text]` (it joins
+parts with a newline), so both backends see the same sequence.
 """
 
 from __future__ import annotations
@@ -72,14 +74,14 @@ class LLMBackend(ABC):
         return self.count_tokens(self.render(messages))
 
     def encode(self, messages: Messages, *, with_slot: bool) -> EncodedPrompt:
-        """Token ids of the rendered prompt; with `with_slot`, split where the soft prompt goes."""
+        """Token ids of the rendered prompt; with `with_slot`, split where the soft prompt goes (see module doc)."""
         if not with_slot:
             return EncodedPrompt(self._ids(self.render(messages)), [])
         marked = [dict(m) for m in messages]
         first_user = next((i for i, m in enumerate(marked) if m["role"] == "user"), None)
         if first_user is None:
             raise ValueError("a soft prompt needs a user message to precede; the prompt has none")
-        marked[first_user]["content"] = SOFT_PROMPT_SLOT + marked[first_user]["content"]
+        marked[first_user]["content"] = SOFT_PROMPT_SLOT + "\n" + marked[first_user]["content"]
         before, _, after = self.render(marked).partition(SOFT_PROMPT_SLOT)
         return EncodedPrompt(self._ids(before), self._ids(after))
 

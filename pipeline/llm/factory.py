@@ -23,7 +23,7 @@ def make_backend(cfg: LLMConfig, cache_dir: Path) -> LLMBackend:
         return OpenAIBackend(
             cfg.base_url, tokenizer=cfg.model, served_model=cfg.served_model, api_key=os.environ.get(cfg.api_key_env),
             concurrency=cfg.concurrency, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, cache_dir=cache_dir,
-            max_context=cfg.max_context,
+            max_context=cfg.max_context, soft_prompt_transport=cfg.soft_prompt_transport,
         )
     from pipeline.llm.vllm_backend import VLLMBackend
 

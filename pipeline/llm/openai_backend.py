@@ -3,10 +3,11 @@
 Verbalizer request (vLLM started with `--enable-prompt-embeds --logprobs-mode
 processed_logprobs --max-logprobs N`): `max_tokens=1`, `temperature=1`, `allowed_token_ids` =
 the label ids, `logprobs`/`top_logprobs` = N and `return_tokens_as_token_ids=true`, so the
-answer position's log-probs come back for exactly the labels. A soft prompt travels as a
-full-prompt embedding tensor on the Completions API (`prompt_embeds`, base64 of `torch.save`),
-computed here from the model's own input embedding table, so the server sees exactly what the
-in-process backend computes.
+answer position's log-probs come back for exactly the labels. A soft prompt travels either as
+a chat content part `{"type": "prompt_embeds", "data": base64(torch.save(tensor))}` ahead of the
+user's text (`soft_prompt_transport="chat"`, the default), or as a full-prompt embedding tensor
+on the Completions API, computed here from the model's own input embedding table
+(`"completions"`). Both give the server exactly the sequence the in-process backend scores.
 """
 
 from __future__ import annotations
@@ -62,12 +63,13 @@ class OpenAIBackend(LLMBackend):
         concurrency: requests in flight.
         timeout_s: per request.
         max_retries: retries with exponential backoff on connection errors, timeouts and 5xx.
+        soft_prompt_transport: `chat` (a `prompt_embeds` content part) or `completions` (full-prompt embeddings).
     """
 
     def __init__(
         self, base_url: str, *, tokenizer: str, served_model: str | None = None, api_key: str | None = None,
         concurrency: int = 4, timeout_s: float = 60.0, max_retries: int = 3, cache_dir: str | Path = ".cache",
-        max_context: int | None = None, backoff_s: float = 0.5,
+        max_context: int | None = None, backoff_s: float = 0.5, soft_prompt_transport: str = "chat",
     ) -> None:
         import httpx
         from transformers import AutoConfig, AutoTokenizer
@@ -83,6 +85,9 @@ class OpenAIBackend(LLMBackend):
         self.concurrency = concurrency
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        if soft_prompt_transport not in ("chat", "completions"):
+            raise ValueError(f"llm.soft_prompt_transport must be chat or completions, got {soft_prompt_transport!r}")
+        self.soft_prompt_transport = soft_prompt_transport
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(timeout=timeout_s, headers=headers, limits=httpx.Limits(max_connections=concurrency))
         self._served_model = served_model
@@ -154,7 +159,9 @@ class OpenAIBackend(LLMBackend):
             "model": self.served_model, "max_tokens": 1, "temperature": 1.0, "allowed_token_ids": label_ids,
             "return_tokens_as_token_ids": True,
         }
-        if soft_prompt is None:
+        if soft_prompt is None or self.soft_prompt_transport == "chat":
+            if soft_prompt is not None:
+                messages = self._with_soft_prompt_part(messages, soft_prompt)
             body = {**common, "messages": list(messages), "logprobs": True, "top_logprobs": len(label_ids)}
             reply = self._request("POST", "/chat/completions", body)
             top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
@@ -170,6 +177,15 @@ class OpenAIBackend(LLMBackend):
             top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
             entries = {int(k.split(":", 1)[1]): float(v) for k, v in top.items()}
         return self._parse(entries, label_ids)
+
+    @staticmethod
+    def _with_soft_prompt_part(messages: Messages, soft_prompt: torch.Tensor) -> list[dict[str, Any]]:
+        """The first user message as `[prompt_embeds, text]` content parts (vLLM joins them with a newline)."""
+        out: list[dict[str, Any]] = [dict(m) for m in messages]
+        first_user = next(i for i, m in enumerate(out) if m["role"] == "user")
+        text = out[first_user]["content"]
+        out[first_user]["content"] = [{"type": "prompt_embeds", "data": encode_tensor(soft_prompt.float())}, {"type": "text", "text": text}]
+        return out
 
     def score_labels(
         self, prompts: Sequence[Messages], labels: Sequence[str], soft_prompt: torch.Tensor | None = None

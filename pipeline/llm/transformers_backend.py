@@ -92,7 +92,9 @@ class TransformersBackend(LLMBackend):
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"llm.dtype must be float32, bfloat16 or float16, got {dtype!r}")
         self.model_name = model
