@@ -190,6 +190,55 @@ class RerankConfig(_Section):
     """Length of a generated explanation."""
 
 
+class FederationConfig(_Section):
+    rounds: int = Field(default=10, ge=1)
+    """Federated rounds."""
+    clients_per_round: int | None = Field(default=None, ge=1)
+    """Clients sampled each round (None = all)."""
+    min_clients: int = Field(default=1, ge=1)
+    """A round aggregates what arrived if at least this many valid updates did; otherwise the state is kept."""
+    local_epochs: int = Field(default=1, ge=1)
+    """Passes over each client's local windows per round."""
+    lr: float = Field(default=1e-3, gt=0)
+    """Client learning rate (Adam)."""
+    batch_size: int = Field(default=64, ge=1)
+    """Windows per local step."""
+    aggregator: Literal["fedavg", "trimmed_mean", "median"] = "fedavg"
+    """How valid updates are combined."""
+    trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)
+    """Fraction trimmed at each end for `trimmed_mean`."""
+    prox_mu: float = Field(default=0.0, ge=0)
+    """FedProx proximal weight (0 = FedAvg local objective)."""
+    server_optimizer: Literal["none", "fedadam"] = "none"
+    """Apply the aggregate directly, or through server-side Adam (FedOpt)."""
+    server_lr: float = Field(default=0.01, gt=0)
+    """Server learning rate for `fedadam`."""
+    max_update_norm: float | None = Field(default=None, gt=0)
+    """Updates with a larger L2 norm are rejected (None = no bound)."""
+    dp_clip: float | None = Field(default=None, gt=0)
+    """Central DP: clip each update to this L2 norm (None = no DP)."""
+    dp_noise_multiplier: float = Field(default=0.0, ge=0)
+    """Central DP: Gaussian noise std as a multiple of dp_clip, on the sum of updates."""
+    dp_delta: float = Field(default=1e-5, gt=0, lt=1)
+    """δ at which ε is reported."""
+    tower_dim: int = Field(default=64, ge=4)
+    """Retrieval tower width."""
+    tower_max_len: int = Field(default=50, ge=2)
+    """History items the tower encodes."""
+    tower_layers: int = Field(default=2, ge=1)
+    """Self-attention layers in the history encoder."""
+    engine: Literal["inprocess", "simulation", "deployment"] = "inprocess"
+    """Flower engine: in-process grid (no Ray), Simulation Engine (Ray), or Deployment Engine (SuperLink/SuperNodes)."""
+    seed: int = 0
+    """Seed for client sampling, local shuffling and DP noise."""
+
+    @model_validator(mode="after")
+    def _dp_needs_clip(self) -> FederationConfig:
+        if self.dp_noise_multiplier > 0 and self.dp_clip is None:
+            raise ValueError("federation.dp_noise_multiplier > 0 needs federation.dp_clip (the per-client L2 bound)")
+        return self
+
+
 class EvalConfig(_Section):
     splits: list[Literal["valid", "test"]] = ["test"]
     """Splits to evaluate."""
@@ -231,6 +280,8 @@ class FedrecConfig(_Section):
     """LLM backend."""
     rerank: RerankConfig = RerankConfig()
     """LLM reranking."""
+    federation: FederationConfig = FederationConfig()
+    """Federated training."""
     eval: EvalConfig = EvalConfig()
     """Evaluation protocol."""
     cache_dir: Path | None = None

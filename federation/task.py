@@ -1,0 +1,137 @@
+"""The federated task as plain functions (no Flower): local training and one server round.
+
+`local_train` runs on a client over its own histories and returns only the delta of the shared
+arrays. `server_round` validates, optionally clips and noises, aggregates and applies them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from federation.core import (
+    Aggregator,
+    FedAdam,
+    FedAvg,
+    Median,
+    RDPAccountant,
+    State,
+    TrimmedMean,
+    add,
+    clip,
+    gaussian_noise,
+    subtract,
+    validate_update,
+)
+from pipeline.config import FederationConfig
+from retrieval.tower import RetrievalTower, TowerConfig, train_tower
+
+log = logging.getLogger(__name__)
+
+
+def tower_config(cfg: FederationConfig) -> TowerConfig:
+    return TowerConfig(dim=cfg.tower_dim, max_len=cfg.tower_max_len, layers=cfg.tower_layers)
+
+
+def initial_state(text_vectors: np.ndarray, cfg: FederationConfig) -> State:
+    """The untrained global state (item tower starts from the text geometry)."""
+    return RetrievalTower(text_vectors, tower_config(cfg), seed=cfg.seed).state_arrays()
+
+
+def local_train(
+    global_state: State, histories: list[np.ndarray], text_vectors: np.ndarray, cfg: FederationConfig, *, seed: int
+) -> tuple[State, int, dict[str, float]]:
+    """Train the tower on one client's histories.
+
+    Returns:
+        (delta of the shared arrays, number of training windows, metrics).
+    """
+    tower = RetrievalTower(text_vectors, tower_config(cfg), seed=cfg.seed)
+    tower.load_arrays(global_state)
+    metrics = train_tower(tower, histories, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, prox_mu=cfg.prox_mu, seed=seed)
+    return subtract(tower.state_arrays(), global_state), int(metrics["examples"]), metrics
+
+
+def make_aggregator(cfg: FederationConfig) -> Aggregator:
+    if cfg.aggregator == "trimmed_mean":
+        return TrimmedMean(cfg.trim_fraction)
+    if cfg.aggregator == "median":
+        return Median()
+    return FedAvg()
+
+
+@dataclass
+class ServerState:
+    """Everything the server carries between rounds (checkpointed after each)."""
+
+    round: int
+    state: State
+    optimizer: FedAdam | None = None
+    accountant: RDPAccountant | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class ClientResult:
+    """What one client sent back in a round."""
+
+    client: int | str
+    delta: State
+    examples: int
+    metrics: dict[str, float]
+
+
+def server_round(server: ServerState, results: list[ClientResult], cfg: FederationConfig, *, expected: int) -> dict[str, Any]:
+    """Validate, (clip + noise), aggregate and apply the updates of one round, in place.
+
+    Args:
+        expected: clients asked this round (the DP average divides by it, so dropouts do not raise the noise's weight).
+
+    Returns:
+        The round's report: accepted / rejected clients with reasons, mean loss, ε when DP is on.
+    """
+    accepted, rejected = [], []
+    for result in results:
+        reason = validate_update(result.delta, server.state, max_norm=cfg.max_update_norm)
+        if reason is None and result.examples <= 0:
+            reason = "reported no training examples"
+        if reason:
+            log.warning("round %d: rejected client %s: %s", server.round, result.client, reason)
+            rejected.append({"client": result.client, "reason": reason})
+        else:
+            accepted.append(result)
+    report: dict[str, Any] = {"round": server.round, "asked": expected, "received": len(results), "accepted": len(accepted), "rejected": rejected}
+    if len(accepted) < cfg.min_clients:
+        log.warning("round %d: %d valid updates, fewer than federation.min_clients=%d; global state kept", server.round, len(accepted), cfg.min_clients)
+        report["applied"] = False
+        return report
+    if cfg.dp_clip is not None:
+        rng = np.random.default_rng([cfg.seed, server.round, 7])
+        clipped = [clip(r.delta, cfg.dp_clip)[0] for r in accepted]
+        total = {k: sum(c[k].astype(np.float64) for c in clipped) for k in clipped[0]}
+        if cfg.dp_noise_multiplier > 0:
+            total = gaussian_noise(total, cfg.dp_noise_multiplier * cfg.dp_clip, rng)
+        update = {k: (v / max(expected, 1)).astype(server.state[k].dtype) for k, v in total.items()}
+        if server.accountant is not None:
+            server.accountant.step()
+            report["epsilon"] = server.accountant.epsilon(cfg.dp_delta)
+    else:
+        update = make_aggregator(cfg).aggregate([r.delta for r in accepted], [r.examples for r in accepted])
+    server.state = server.optimizer.step(server.state, update) if server.optimizer else add(server.state, update)
+    report["applied"] = True
+    losses = [r.metrics.get("loss", float("nan")) for r in accepted]
+    report["train_loss"] = float(np.nanmean(losses)) if losses else float("nan")
+    return report
+
+
+def new_server(text_vectors: np.ndarray, cfg: FederationConfig, n_clients: int) -> ServerState:
+    """Round-0 server state for `cfg`."""
+    optimizer = FedAdam(lr=cfg.server_lr) if cfg.server_optimizer == "fedadam" else None
+    accountant = None
+    if cfg.dp_clip is not None:
+        sample_rate = min(1.0, (cfg.clients_per_round or n_clients) / n_clients)
+        accountant = RDPAccountant(cfg.dp_noise_multiplier, sample_rate)
+    return ServerState(0, initial_state(text_vectors, cfg), optimizer, accountant)

@@ -1,0 +1,114 @@
+"""Federation mechanics without Flower: validation, aggregators, DP accountant, payload bytes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from federation.core import (
+    FedAdam,
+    FedAvg,
+    Median,
+    Payload,
+    RDPAccountant,
+    TrimmedMean,
+    add,
+    clip,
+    gaussian_noise,
+    l2_norm,
+    rdp_subsampled_gaussian,
+    subtract,
+    validate_update,
+)
+
+
+def _state(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"soft_prompt": rng.normal(size=(4, 8)).astype(np.float32), "tower/items": rng.normal(size=(10, 3)).astype(np.float32)}
+
+
+def test_delta_round_trip() -> None:
+    a, b = _state(0), _state(1)
+    back = add(b, subtract(a, b))
+    for k in a:
+        np.testing.assert_allclose(back[k], a[k], atol=1e-6)
+
+
+def test_validation_reasons() -> None:
+    ref = _state(0)
+    assert validate_update(_state(1), ref) is None
+    assert "missing ['tower/items']" in validate_update({"soft_prompt": ref["soft_prompt"]}, ref)
+    assert "shape (4, 7), expected (4, 8)" in validate_update({**ref, "soft_prompt": np.zeros((4, 7), np.float32)}, ref)
+    assert "dtype float64, expected float32" in validate_update({**ref, "soft_prompt": np.zeros((4, 8))}, ref)
+    bad = {**ref, "tower/items": ref["tower/items"].copy()}
+    bad["tower/items"][0, 0] = np.nan
+    assert "NaN or infinite" in validate_update(bad, ref)
+    assert "exceeds the bound" in validate_update(ref, ref, max_norm=0.5)
+
+
+def test_clip_bounds_the_norm() -> None:
+    update = _state(2)
+    clipped, factor = clip(update, 1.0)
+    assert l2_norm(clipped) == pytest.approx(1.0, rel=1e-5) and factor < 1
+    same, factor = clip(update, 1e9)
+    assert factor == 1.0 and all(np.array_equal(same[k], update[k]) for k in update)
+
+
+def test_fedavg_is_the_weighted_mean() -> None:
+    updates = [_state(i) for i in range(3)]
+    out = FedAvg().aggregate(updates, [1, 2, 7])
+    expected = (updates[0]["soft_prompt"] * 1 + updates[1]["soft_prompt"] * 2 + updates[2]["soft_prompt"] * 7) / 10
+    np.testing.assert_allclose(out["soft_prompt"], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one update"):
+        FedAvg().aggregate([], [])
+
+
+def test_robust_aggregators_resist_an_outlier() -> None:
+    honest = [{"w": np.full(5, 1.0 + 0.01 * i, np.float32)} for i in range(8)]
+    attacker = [{"w": np.full(5, 1e6, np.float32)}]
+    assert np.abs(Median().aggregate(honest + attacker, [1] * 9)["w"] - 1.04).max() < 0.05
+    assert np.abs(TrimmedMean(0.2).aggregate(honest + attacker, [1] * 9)["w"] - 1.035).max() < 0.05
+    assert FedAvg().aggregate(honest + attacker, [1] * 9)["w"][0] > 1e4
+    with pytest.raises(ValueError, match=r"trim_fraction must be in \[0, 0\.5\)"):
+        TrimmedMean(0.5)
+
+
+def test_fedadam_moves_along_the_update_and_checkpoints() -> None:
+    state = {"w": np.zeros(3, np.float32)}
+    opt = FedAdam(lr=0.1)
+    new = opt.step(state, {"w": np.array([1.0, -1.0, 0.0], np.float32)})
+    assert new["w"][0] > 0 > new["w"][1] and new["w"][2] == 0
+    copy = FedAdam(lr=0.1)
+    copy.load_state(opt.to_state())
+    u = {"w": np.array([0.5, 0.5, 0.5], np.float32)}
+    np.testing.assert_array_equal(opt.step(new, u)["w"], copy.step(new, u)["w"])
+
+
+def test_rdp_matches_closed_forms() -> None:
+    assert rdp_subsampled_gaussian(1.0, 2.0, 8) == pytest.approx(8 / 8)
+    # Tiny sampling rates give tiny RDP; the bound grows with q.
+    assert rdp_subsampled_gaussian(0.01, 1.0, 8) < rdp_subsampled_gaussian(0.1, 1.0, 8) < rdp_subsampled_gaussian(1.0, 1.0, 8)
+    acct = RDPAccountant(noise_multiplier=1.0, sample_rate=1.0)
+    acct.step(10)
+    # Gaussian mechanism composed 10 times: eps = min_a 10 a / 2 + log(1/delta)/(a-1).
+    expected = min(10 * a / 2 + math.log(1e5) / (a - 1) for a in range(2, 257))
+    assert acct.epsilon(1e-5) == pytest.approx(expected)
+    assert RDPAccountant(0.0).epsilon(1e-5) == math.inf
+    more_noise = RDPAccountant(4.0, 1.0)
+    more_noise.step(10)
+    assert more_noise.epsilon(1e-5) < acct.epsilon(1e-5)
+
+
+def test_noise_has_the_requested_scale() -> None:
+    out = gaussian_noise({"w": np.zeros(20000, np.float32)}, 0.5, np.random.default_rng(0))
+    assert out["w"].std() == pytest.approx(0.5, rel=0.03)
+
+
+def test_payload_counts_bytes_by_direction_and_name() -> None:
+    payload = Payload()
+    state = _state(0)
+    assert payload.record(1, 0, "down", state) == 4 * 8 * 4 + 10 * 3 * 4
+    payload.record(1, 0, "up", {"soft_prompt": state["soft_prompt"]})
+    assert payload.totals() == {"down": 248, "up": 128}
