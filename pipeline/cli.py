@@ -218,6 +218,33 @@ def _run_evaluation(cfg: FedrecConfig, stage: str, output: Path | None) -> dict:
     return report
 
 
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    engine: Annotated[str | None, typer.Option(help="inprocess (no Ray), simulation (Flower Simulation Engine) or deployment.")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--restart", help="Continue from the last checkpoint of this configuration.")] = False,
+) -> None:
+    """Federated training of the retrieval tower with Flower; checkpoints after every round."""
+    from federation.runner import train as run_training
+
+    cfg = _config(config, (overrides or []) + ([f"federation.engine={engine}"] if engine else []))
+    rec = _recommender(cfg)
+    rec.item_vectors  # noqa: B018 - embeds (or loads) before the rounds start
+    results = run_training(rec, resume=resume, progress=True)
+    table = Table(title=f"federated training: {results['clients']} clients, {results['rounds']} rounds ({results['engine']})",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column in ("round", "accepted", "rejected", "loss", "valid R@10", "valid N@10", "up KiB", "ε"):
+        table.add_column(column, justify="right")
+    for h in results["history"]:
+        table.add_row(str(h["round"]), str(h["accepted"]), str(len(h["rejected"])), f"{h.get('train_loss', float('nan')):.3f}",
+                      _number(h["valid"]["R@10"]), _number(h["valid"]["N@10"]), f"{h['bytes_up'] / 1024:,.0f}",
+                      f"{h['epsilon']:.2f}" if "epsilon" in h else "—")
+    console.print(table)
+    test = results["test"]
+    console.print(f"test: R@10 {test['R@10']:.4f}  N@10 {test['N@10']:.4f}  R@20 {test['R@20']:.4f}  MRR {test['MRR']:.4f}")
+
+
 @app.command("rerank")
 def rerank_job(
     input_path: Annotated[Path, typer.Option("--input", "-i", help="JSONL requests: {id, user_id | history, [candidates], [k]} per line.")],

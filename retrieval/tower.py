@@ -53,7 +53,7 @@ class RetrievalTower(nn.Module):
         self.register_buffer("text", torch.as_tensor(np.asarray(text_vectors, dtype=np.float32)), persistent=False)
         self.proj = nn.Linear(text_dim, cfg.dim, bias=False)
         with torch.no_grad():
-            self.proj.weight.copy_(torch.as_tensor(_pca(np.asarray(text_vectors, dtype=np.float32), cfg.dim).T) * np.sqrt(cfg.dim))
+            self.proj.weight.copy_(torch.as_tensor(_pca(np.asarray(text_vectors, dtype=np.float32), cfg.dim).T))
         self.residual = nn.Embedding(n_items + 1, cfg.dim, padding_idx=n_items)
         nn.init.zeros_(self.residual.weight)
         self.position = nn.Embedding(cfg.max_len, cfg.dim)
@@ -164,6 +164,6 @@ def train_tower(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     tower.eval()
     return {"loss": float(np.mean(losses)), "examples": int(len(windows))}

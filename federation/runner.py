@@ -1,0 +1,138 @@
+"""`fedrec train`: federated training of the retrieval tower on a Flower engine, checkpointed every round."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from federation import checkpoint
+from federation.core import Payload, State
+from federation.task import ServerState, new_server, tower_config
+from pipeline.data import partition_users
+from pipeline.errors import FedrecError
+from pipeline.evaluate import FunctionScorer, evaluate_scorer
+from pipeline.io import write_json
+from retrieval.tower import RetrievalTower
+
+if TYPE_CHECKING:
+    from pipeline.recommender import Recommender
+
+log = logging.getLogger(__name__)
+
+
+def run_dir(rec: Recommender) -> Path:
+    """Where a configuration's checkpoints and results live: one folder per configuration, ignoring the
+    number of rounds and the engine, so `--resume` with more rounds (or on another engine) continues it."""
+    cfg = rec.cfg
+    federation = cfg.federation.model_dump_json(exclude={"rounds", "engine"})
+    key = hashlib.sha256(json.dumps([cfg.data.model_dump_json(), cfg.partition.model_dump_json(), federation,
+                                     rec.index_key()]).encode()).hexdigest()[:12]
+    return cfg.output_dir / f"train-{rec.dataset.name}-{key}"
+
+
+def tower_scores(rec: Recommender, state: State, split: str) -> FunctionScorer:
+    """A scorer for the evaluator: tower queries against tower item embeddings."""
+    import torch
+
+    tower = RetrievalTower(rec.item_vectors, tower_config(rec.cfg.federation))
+    tower.load_arrays(state)
+    tower.eval()
+    with torch.no_grad():
+        items = tower.item_embeddings()
+
+    def score(users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            return (tower.query(histories) @ items.T).numpy()
+
+    return FunctionScorer("tower", score)
+
+
+def evaluate_state(rec: Recommender, state: State, split: str, users: np.ndarray | None = None) -> dict[str, float]:
+    """Full-ranking metrics of the tower on `split`."""
+    result = evaluate_scorer(tower_scores(rec, state, split), rec.split, split, rec.dataset.n_items, ks=rec.cfg.eval.ks, users=users)
+    return result.metrics
+
+
+def train(rec: Recommender, *, resume: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Run federated rounds; after each, evaluate on validation and checkpoint atomically.
+
+    With `resume`, continue from the last checkpoint of the same configuration; the result is
+    identical to an uninterrupted run.
+    """
+    cfg = rec.cfg.federation
+    clients = partition_users(rec.dataset, rec.split.train(), rec.cfg.partition)
+    train_histories = rec.split.train()
+    text_vectors = rec.item_vectors
+    folder = run_dir(rec)
+    ckpt = folder / "checkpoint.npz"
+    if resume and ckpt.is_file():
+        server = checkpoint.load(ckpt)
+        log.warning("resuming %s from round %d", folder, server.round)
+    elif resume:
+        raise FedrecError(f"--resume: no checkpoint at {ckpt}; run without --resume to start")
+    else:
+        server = new_server(text_vectors, cfg, len(clients))
+    payload = Payload()
+
+    def load(partition: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        return text_vectors, [train_histories[u] for u in clients[partition]]
+
+    from pipeline.ui import rate_progress
+
+    eval_users = np.arange(rec.dataset.n_users if rec.cfg.eval.max_users is None else min(rec.cfg.eval.max_users, rec.dataset.n_users))
+    with rate_progress("rounds", enabled=progress) as bar:
+        task = bar.add_task("federated rounds", total=cfg.rounds, completed=server.round)
+
+        def on_round(state: ServerState, report: dict[str, Any]) -> None:
+            report["valid"] = evaluate_state(rec, state.state, "valid", eval_users)
+            up = sum(r["bytes"] for r in payload.rows if r["round"] == state.round and r["direction"] == "up")
+            down = sum(r["bytes"] for r in payload.rows if r["round"] == state.round and r["direction"] == "down")
+            report["bytes_up"], report["bytes_down"] = up, down
+            state.history.append(report)
+            checkpoint.save(state, ckpt)
+            bar.advance(task, 1)
+
+        from federation.flower_apps import make_client_app, make_server_app
+
+        server_app = make_server_app(server, cfg, len(clients), on_round=on_round, payload=payload)
+        client_app = make_client_app(load)
+        if server.round < cfg.rounds:
+            _run_engine(cfg.engine, server_app, client_app, len(clients))
+    results = {
+        "dataset": rec.dataset.name, "clients": len(clients), "rounds": server.round, "engine": cfg.engine,
+        "federation": cfg.model_dump(), "partition": rec.cfg.partition.model_dump(), "history": server.history,
+        "test": evaluate_state(rec, server.state, "test", eval_users),
+        "state_bytes": int(sum(v.nbytes for v in server.state.values())),
+    }
+    if server.accountant is not None:
+        results["epsilon"] = server.accountant.epsilon(cfg.dp_delta)
+    write_json(folder / "results.json", results)
+    return results
+
+
+def _run_engine(engine: str, server_app: Any, client_app: Any, n_clients: int) -> None:
+    if engine == "inprocess":
+        from federation.inprocess import run_inprocess
+
+        run_inprocess(server_app, client_app, n_clients)
+        return
+    if engine == "simulation":
+        try:
+            from flwr.simulation import run_simulation
+        except ImportError:
+            raise ImportError("federation.engine=simulation needs Flower's simulation extra: pip install 'flwr[simulation]==1.42.0'") from None
+        run_simulation(
+            server_app=server_app, client_app=client_app, num_supernodes=n_clients,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"num_cpus": 2, "num_gpus": 0, "object_store_memory": 200 * 1024**2}},
+        )
+        return
+    raise FedrecError(
+        "federation.engine=deployment runs through Flower's SuperLink and SuperNodes; see the README section "
+        "'Deployment Engine' (flower-superlink, flower-supernode, flwr run)"
+    )
