@@ -37,7 +37,9 @@ def _time_methods(rec, backend, requests, listwise_users: int) -> dict:
 
     builder = PromptBuilder(backend, rec.dataset.catalog, rec.cfg.rerank)
     verbalizer = VerbalizerReranker(backend, builder, fusion_weight=1.0)
-    listwise = ListwiseReranker(backend, builder)
+    letters = ListwiseReranker(backend, builder)
+    titles_cfg = rec.cfg.rerank.model_copy(update={"listwise_template": "listwise.v2"})
+    titles = ListwiseReranker(backend, PromptBuilder(backend, rec.dataset.catalog, titles_cfg))
     verbalizer.rerank_batch(requests[:2])  # warm-up
     latencies = []
     for request in requests:
@@ -47,12 +49,15 @@ def _time_methods(rec, backend, requests, listwise_users: int) -> dict:
     start = time.perf_counter()
     verbalizer.rerank_batch(requests)
     batched = len(requests) / (time.perf_counter() - start)
-    start = time.perf_counter()
-    listwise.rerank_batch(requests[:listwise_users])
-    generated = listwise_users / (time.perf_counter() - start)
+    generated = {}
+    for name, reranker in (("letters", letters), ("titles", titles)):
+        start = time.perf_counter()
+        reranker.rerank_batch(requests[:listwise_users])
+        generated[name] = listwise_users / (time.perf_counter() - start)
     tokens = [backend.prompt_tokens(builder.build(r, rec.cfg.rerank.template)) for r in requests]
     return {
-        "verbalizer_users_per_s": batched, "listwise_users_per_s": generated,
+        "verbalizer_users_per_s": batched, "listwise_users_per_s": generated["letters"],
+        "listwise_titles_users_per_s": generated["titles"],
         "latency_median_s": float(np.median(latencies)), "latency_p95_s": float(np.percentile(latencies, 95)),
         "prompt_tokens_median": float(np.median(tokens)),
     }
@@ -127,11 +132,13 @@ def main() -> None:
         print("served", served)
     rows = [
         [name, f"{r['verbalizer_users_per_s']:.2f}", f"{r['listwise_users_per_s']:.3f}",
-         f"{r['verbalizer_users_per_s'] / r['listwise_users_per_s']:.0f}×", f"{r['latency_median_s']:.2f}",
+         f"{r['verbalizer_users_per_s'] / r['listwise_users_per_s']:.1f}×", f"{r['listwise_titles_users_per_s']:.3f}",
+         f"{r['verbalizer_users_per_s'] / r['listwise_titles_users_per_s']:.1f}×", f"{r['latency_median_s']:.2f}",
          f"{r['latency_p95_s']:.2f}", f"{r['peak_rss_gib']:.2f}" if "peak_rss_gib" in r else "—", f"{r['prompt_tokens_median']:.0f}"]
         for name, r in results.items()
     ]
-    table = markdown_table(["backend", "verbalizer users/s", "listwise users/s", "verbalizer / listwise", "latency median s",
+    table = markdown_table(["backend", "verbalizer users/s", "listwise letters users/s", "verbalizer / letters",
+                            "listwise titles users/s", "verbalizer / titles", "latency median s",
                             "latency p95 s", "peak RSS GiB", "prompt tokens"], rows)
     print(table)
     note = "" if served else "\n\nThe served rows were skipped: `.venv-vllm` was absent (`make vllm-venv`)."
@@ -141,8 +148,9 @@ def main() -> None:
         f"{args.users} ml-latest-small test users, 20 retrieved candidates each, prompt `rerank.v1` / `listwise.v1`. "
         f"Verbalizer users/s is the throughput of `rerank_batch` (in-process: `llm.batch_size`, default 1, which is fastest on "
         f"this CPU; served: 4 requests in flight, prefix caching off); latency is one "
-        f"user at a time; listwise generation is timed on the first {args.listwise_users} users with greedy decoding "
-        f"(up to 64 new tokens). Peak RSS is the whole in-process run (embedder, index and LLM).{note}\n\n{table}",
+        f"user at a time; listwise generation is timed on the first {args.listwise_users} users with greedy decoding, "
+        f"once asking for letters only (`listwise.v1`, up to 64 new tokens) and once for LLMRank's output, one "
+        f"\"(X) title\" line per candidate (`listwise.v2`, up to the length of those lines). Peak RSS is the whole in-process run (embedder, index and LLM).{note}\n\n{table}",
     )
 
 

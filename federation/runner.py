@@ -58,11 +58,12 @@ def evaluate_state(rec: Recommender, state: State, split: str, users: np.ndarray
     return result.metrics
 
 
-def train(rec: Recommender, *, resume: bool = False, progress: bool = False) -> dict[str, Any]:
+def train(rec: Recommender, *, resume: bool = False, progress: bool = False, grid: Any = None) -> dict[str, Any]:
     """Run federated rounds; after each, evaluate on validation and checkpoint atomically.
 
     With `resume`, continue from the last checkpoint of the same configuration; the result is
-    identical to an uninterrupted run.
+    identical to an uninterrupted run. With `grid` (inside a deployed ServerApp), rounds run on
+    that grid instead of starting an engine.
     """
     cfg = rec.cfg.federation
     clients = partition_users(rec.dataset, rec.split.train(), rec.cfg.partition)
@@ -97,11 +98,23 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False) -> 
             checkpoint.save(state, ckpt)
             bar.advance(task, 1)
 
-        from federation.flower_apps import make_client_app, make_server_app
+        if cfg.secagg:
+            from federation.secagg import make_secagg_client_app, make_secagg_server_app
+            from retrieval.tower import sliding_windows
 
-        server_app = make_server_app(server, cfg, len(clients), on_round=on_round, payload=payload)
-        client_app = make_client_app(load)
-        if server.round < cfg.rounds:
+            most = max(len(sliding_windows([train_histories[u] for u in c], cfg.tower_max_len, rec.dataset.n_items)[0]) for c in clients)
+            server_app = make_secagg_server_app(server, cfg, len(clients), max_weight=float(max(most, 1)), on_round=on_round)
+            client_app = make_secagg_client_app(load, cfg)
+        else:
+            from federation.flower_apps import make_client_app, make_server_app
+
+            server_app = make_server_app(server, cfg, len(clients), on_round=on_round, payload=payload)
+            client_app = make_client_app(load)
+        if server.round < cfg.rounds and grid is not None:
+            from flwr.app import Context, RecordDict
+
+            server_app(grid, Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+        elif server.round < cfg.rounds:
             _run_engine(cfg.engine, server_app, client_app, len(clients))
     results = {
         "dataset": rec.dataset.name, "clients": len(clients), "rounds": server.round, "engine": cfg.engine,
@@ -133,6 +146,6 @@ def _run_engine(engine: str, server_app: Any, client_app: Any, n_clients: int) -
         )
         return
     raise FedrecError(
-        "federation.engine=deployment runs through Flower's SuperLink and SuperNodes; see the README section "
-        "'Deployment Engine' (flower-superlink, flower-supernode, flwr run)"
+        "federation.engine=deployment runs through Flower's SuperLink and SuperNodes: start them, then "
+        "`flwr run federation/deploy <connection>` (README: 'Deployment Engine')"
     )

@@ -221,6 +221,16 @@ class FederationConfig(_Section):
     """Central DP: Gaussian noise std as a multiple of dp_clip, on the sum of updates."""
     dp_delta: float = Field(default=1e-5, gt=0, lt=1)
     """δ at which ε is reported."""
+    secagg: bool = False
+    """Aggregate with SecAgg+ (the server sees only the weighted mean; no per-update validation, robust rules or central DP)."""
+    secagg_num_shares: int = Field(default=3, ge=2)
+    """SecAgg+ shares per client secret."""
+    secagg_threshold: int = Field(default=2, ge=1)
+    """SecAgg+ shares needed to reconstruct (tolerates num_shares - threshold dropouts)."""
+    secagg_clipping_range: float = Field(default=8.0, gt=0)
+    """SecAgg+ clips scaled values to ±this before quantising."""
+    secagg_quantization_range: int = Field(default=2**22, ge=2)
+    """SecAgg+ quantisation levels (error ≈ 2·clip/levels per client)."""
     tower_dim: int = Field(default=64, ge=4)
     """Retrieval tower width."""
     tower_max_len: int = Field(default=50, ge=2)
@@ -233,9 +243,17 @@ class FederationConfig(_Section):
     """Seed for client sampling, local shuffling and DP noise."""
 
     @model_validator(mode="after")
-    def _dp_needs_clip(self) -> FederationConfig:
+    def _consistent(self) -> FederationConfig:
         if self.dp_noise_multiplier > 0 and self.dp_clip is None:
             raise ValueError("federation.dp_noise_multiplier > 0 needs federation.dp_clip (the per-client L2 bound)")
+        if self.secagg and (self.dp_clip is not None or self.aggregator != "fedavg" or self.max_update_norm is not None
+                            or self.server_optimizer != "none" or self.clients_per_round is not None):
+            raise ValueError(
+                "federation.secagg=true hides single updates from the server, so it cannot be combined with dp_clip, "
+                "max_update_norm, a robust aggregator, a server optimizer or client sampling; turn those off or set secagg=false"
+            )
+        if self.secagg_threshold > self.secagg_num_shares:
+            raise ValueError(f"federation.secagg_threshold={self.secagg_threshold} exceeds secagg_num_shares={self.secagg_num_shares}")
         return self
 
 

@@ -185,7 +185,8 @@ class VerbalizerReranker(Reranker):
         return results
 
 
-_LABEL = re.compile(r"(?<![A-Za-z])([A-Za-z])(?![A-Za-z])")
+_LABEL = re.compile(r"(?<![A-Za-z'’])([A-Za-z])(?![A-Za-z'’])")
+_BRACKETED = re.compile(r"[(\[]([A-Za-z])[)\]]")
 
 
 def parse_ranking(text: str, labels: Sequence[str]) -> tuple[list[int], dict[str, int]]:
@@ -200,7 +201,9 @@ def parse_ranking(text: str, labels: Sequence[str]) -> tuple[list[int], dict[str
     index = {label: i for i, label in enumerate(labels)}
     order, seen = [], set()
     stats = {"duplicates": 0, "invented": 0, "missing": 0}
-    for match in _LABEL.finditer(text):
+    # "(C) Heat (1995)" lines: only bracketed letters count, so the "A" in a title is not a label.
+    pattern = _BRACKETED if _BRACKETED.search(text) else _LABEL
+    for match in pattern.finditer(text):
         label = match.group(1)
         if label not in index:
             stats["invented"] += label.isupper()
@@ -216,15 +219,27 @@ def parse_ranking(text: str, labels: Sequence[str]) -> tuple[list[int], dict[str
 
 
 class ListwiseReranker(Reranker):
-    """Baseline: the LLM writes the ranking (LLMRank); parsing is robust to malformed output."""
+    """Baseline: the LLM writes the ranking (LLMRank); parsing is robust to malformed output.
+
+    `listwise.v1` asks for letters only; `listwise.v2` (LLMRank's output) for one "(X) title" line
+    per candidate, which costs about ten tokens per candidate to generate.
+    """
 
     def __init__(self, backend: LLMBackend, builder: PromptBuilder, *, max_tokens: int | None = None) -> None:
         self.backend = backend
         self.builder = builder
         self.max_tokens = max_tokens
 
+    def _budget(self, request: RerankRequest) -> int:
+        if self.max_tokens:
+            return self.max_tokens
+        if self.builder.cfg.listwise_template == "listwise.v1":
+            return 3 * len(request.candidates) + 4
+        return sum(self.backend.count_tokens(f"({c}) {self.builder.catalog.label(x.item)}\n") for c, x in
+                   zip(self.builder.labels(len(request.candidates)), request.candidates, strict=True)) + 8
+
     def rerank_batch(self, requests: Sequence[RerankRequest]) -> list[list[RankedItem]]:
-        budgets = [self.max_tokens or 3 * len(r.candidates) + 4 for r in requests]
+        budgets = [self._budget(r) for r in requests]
         messages = [self.builder.build(r, self.builder.cfg.listwise_template, reserve=b) for r, b in zip(requests, budgets, strict=True)]
         texts = self.backend.generate(messages, max_tokens=max(budgets))
         results = []

@@ -96,3 +96,38 @@ def test_central_dp_reports_epsilon(tmp_path: Path) -> None:
     eps = [h["epsilon"] for h in results["history"]]
     assert 0 < eps[0] < eps[1] == results["epsilon"]
     json.dumps(results)
+
+
+@pytest.mark.slow
+def test_secagg_equals_fedavg_within_quantisation_error(tmp_path: Path) -> None:
+    """One SecAgg+ round against plain FedAvg of the same client deltas (same seeds, same data)."""
+    from federation.runner import train
+    from federation.task import initial_state, local_train
+    from pipeline.data import partition_users
+
+    rec = _recommender(tmp_path, "federation.rounds=1", "federation.secagg=true")
+    secure = train(rec)
+    assert secure["history"][0]["secure_aggregation"] == "SecAgg+"
+    from federation.checkpoint import load
+    from federation.runner import run_dir
+
+    secure_state = load(run_dir(rec) / "checkpoint.npz").state
+    cfg = rec.cfg.federation
+    start = initial_state(rec.item_vectors, cfg)
+    clients = partition_users(rec.dataset, rec.split.train(), rec.cfg.partition)
+    from federation.core import FedAvg, add
+
+    results = [local_train(start, [rec.split.train()[u] for u in c], rec.item_vectors, cfg, seed=1 * 100_003 + i) for i, c in enumerate(clients)]
+    plain = add(start, FedAvg().aggregate([r[0] for r in results], [r[1] for r in results]))
+    max_weight = max(r[1] for r in results)
+    bound = 2 * cfg.secagg_clipping_range / cfg.secagg_quantization_range * max_weight / min(r[1] for r in results) * 2
+    worst = max(float(np.abs(secure_state[k] - plain[k]).max()) for k in plain)
+    biggest = max(float(np.abs(r[0][k]).max()) for r in results for k in plain)
+    assert worst <= bound and worst < 0.01 * biggest
+
+
+def test_secagg_refuses_what_it_cannot_do() -> None:
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"secagg=true hides single updates"):
+        load_config(TINY, ["federation.secagg=true", "federation.dp_clip=1.0"])
