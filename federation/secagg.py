@@ -68,7 +68,7 @@ def make_secagg_server_app(
             strategy = LegacyFedAvg(
                 fraction_fit=1.0, min_fit_clients=n_clients, min_available_clients=n_clients, fraction_evaluate=0.0,
                 min_evaluate_clients=0, initial_parameters=ndarrays_to_parameters([server.state[k] for k in keys]),
-                on_fit_config_fn=lambda _: {"round": round_, "keys": ",".join(keys)},
+                on_fit_config_fn=lambda _, r=round_: {"round": r, "keys": ",".join(keys)},
             )
             legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
             workflow = SecAggPlusWorkflow(
