@@ -83,7 +83,9 @@ def make_server_app(
         while server.round < cfg.rounds:
             server.round += 1
             rng = np.random.default_rng([cfg.seed, server.round])
-            chosen = sorted(rng.choice(nodes, size=min(cfg.clients_per_round or len(nodes), len(nodes)), replace=False).tolist())
+            # Sample positions, not ids: node ids are unsigned 64-bit and numpy would turn them into floats.
+            picked = rng.choice(len(nodes), size=min(cfg.clients_per_round or len(nodes), len(nodes)), replace=False)
+            chosen = sorted(nodes[int(i)] for i in picked)
             config = ConfigRecord({"round": server.round, "federation": cfg.model_dump_json()})
             messages = [
                 Message(RecordDict({"arrays": to_record(server.state), "config": config}), dst_node_id=node,

@@ -131,3 +131,37 @@ def test_secagg_refuses_what_it_cannot_do() -> None:
 
     with pytest.raises(ConfigError, match=r"secagg=true hides single updates"):
         load_config(TINY, ["federation.secagg=true", "federation.dp_clip=1.0"])
+
+
+@pytest.mark.slow
+def test_simulation_engine_matches_the_in_process_grid(tmp_path: Path) -> None:
+    """The same rounds on Flower's Simulation Engine (Ray) give the same model as the in-process grid."""
+    from federation.runner import train
+
+    inproc = train(_recommender(tmp_path / "a", "federation.rounds=1"))
+    simulated = train(_recommender(tmp_path / "b", "federation.rounds=1", "federation.engine=simulation"))
+    assert simulated["engine"] == "simulation"
+    assert simulated["history"][0]["accepted"] == inproc["history"][0]["accepted"] == 4
+    for key in ("R@10", "N@10"):
+        assert simulated["test"][key] == pytest.approx(inproc["test"][key], abs=1e-9)
+
+
+def test_fedrec_train_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import sys
+
+    from pipeline.cli import main
+
+    args = ["fedrec", "train", "-c", str(TINY), "--set", "federation.rounds=1", "--set", "federation.tower_dim=16",
+            "--set", "federation.tower_max_len=10", "--set", "federation.tower_layers=1", "--set", "eval.max_users=20",
+            "--set", f"output_dir={tmp_path}", "--engine", "inprocess"]
+    monkeypatch.setattr(sys, "argv", args)
+    monkeypatch.setenv("COLUMNS", "160")
+    with pytest.raises(SystemExit) as done:
+        main()
+    out = capsys.readouterr().out
+    assert done.value.code in (0, None), out
+    assert "federated training: 4 clients, 1 rounds (inprocess)" in out and "test: R@10" in out
+    monkeypatch.setattr(sys, "argv", [*args, "--engine", "deployment"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 2 and "flwr run federation/deploy" in capsys.readouterr().out
