@@ -164,7 +164,8 @@ def test_prompt_truncates_history_then_titles_with_a_warning(backend: Transforme
     [
         ("C, A, B", [2, 0, 1, 3], {"duplicates": 0, "invented": 0, "missing": 1}),
         ("B B A Z", [1, 0, 2, 3], {"duplicates": 1, "invented": 1, "missing": 2}),
-        ("I think (D) then a C", [3, 2, 0, 1], {"duplicates": 0, "invented": 1, "missing": 2}),
+        ("I think D then a C", [3, 2, 0, 1], {"duplicates": 0, "invented": 1, "missing": 2}),
+        ("(C) A Bug's Life (1998)\n(A) Heat\n[B] X\n(C) again\n(Z) new", [2, 0, 1, 3], {"duplicates": 1, "invented": 1, "missing": 1}),
         ("", [0, 1, 2, 3], {"duplicates": 0, "invented": 0, "missing": 4}),
     ],
 )
