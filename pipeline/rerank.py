@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,7 +20,7 @@ import numpy as np
 import prompts
 from pipeline.config import RerankConfig
 from pipeline.data import Catalog
-from pipeline.llm.base import LLMBackend, Messages
+from pipeline.llm.base import ITEM_SLOT, LLMBackend, Messages
 from retrieval import Candidate
 
 if TYPE_CHECKING:
@@ -72,10 +72,11 @@ class PromptBuilder:
     shortened; a warning says what was cut.
     """
 
-    def __init__(self, backend: LLMBackend, catalog: Catalog, cfg: RerankConfig) -> None:
+    def __init__(self, backend: LLMBackend, catalog: Catalog, cfg: RerankConfig, *, item_tokens: bool = False) -> None:
         self.backend = backend
         self.catalog = catalog
         self.cfg = cfg
+        self.item_tokens = item_tokens
 
     def labels(self, n: int) -> list[str]:
         return prompts.labels_for(n, self.cfg.label_set)
@@ -87,6 +88,7 @@ class PromptBuilder:
             ValueError: even with no history and 16-character titles the prompt does not fit.
         """
         labels = self.labels(len(request.candidates))
+        slot = ITEM_SLOT if self.item_tokens else ""
         history = [self.catalog.label(i) for i in list(request.history)[-self.cfg.max_history_titles :]] if self.cfg.max_history_titles else []
         titles = [self.catalog.label(c.item) for c in request.candidates]
         budget = self.backend.context_length - reserve
@@ -97,10 +99,13 @@ class PromptBuilder:
 
             return prompts.render_chat(
                 template, profile=request.profile, history=[cut(t) for t in hist],
-                candidates=[{"label": lab, "title": cut(t)} for lab, t in zip(labels, titles, strict=True)], labels=labels,
+                candidates=[{"label": lab, "title": cut(t), "item_slot": slot} for lab, t in zip(labels, titles, strict=True)],
+                labels=labels,
             )
 
         messages = render(history, None)
+        if self.item_tokens and sum(m["content"].count(ITEM_SLOT) for m in messages) != len(titles):
+            raise ValueError(f"prompt template {template!r} has no item-token slot ({{{{ c.item_slot }}}}); use rerank.v2 for item tokens")
         if self.backend.prompt_tokens(messages) <= budget:
             return messages
         dropped, limit = 0, None
@@ -158,11 +163,16 @@ class VerbalizerReranker(Reranker):
         soft_prompt: optional `(m, hidden)` trained soft prompt.
     """
 
-    def __init__(self, backend: LLMBackend, builder: PromptBuilder, *, fusion_weight: float = 1.0, soft_prompt: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, backend: LLMBackend, builder: PromptBuilder, *, fusion_weight: float = 1.0, soft_prompt: torch.Tensor | None = None,
+        item_tokens: Callable[[Sequence[int]], torch.Tensor] | None = None,
+    ) -> None:
         self.backend = backend
         self.builder = builder
         self.fusion_weight = fusion_weight
         self.soft_prompt = soft_prompt
+        self.item_tokens = item_tokens
+        """Maps candidate item indices to `(n, hidden)` item tokens (the trained projector); needs `builder.item_tokens`."""
 
     def llm_scores(self, requests: Sequence[RerankRequest]) -> list[np.ndarray]:
         """Per request, `(n_candidates,)` label log-probabilities; requests are grouped by candidate count."""
@@ -173,7 +183,10 @@ class VerbalizerReranker(Reranker):
         for n, members in groups.items():
             labels = self.builder.labels(n)
             messages = [self.builder.build(requests[i], self.builder.cfg.template) for i in members]
-            scores = self.backend.score_labels(messages, labels, soft_prompt=self.soft_prompt)
+            tokens = None
+            if self.item_tokens is not None:
+                tokens = [self.item_tokens([c.item for c in requests[i].candidates]) for i in members]
+            scores = self.backend.score_labels(messages, labels, soft_prompt=self.soft_prompt, item_tokens=tokens)
             for row, i in enumerate(members):
                 out[i] = scores[row]
         return out  # type: ignore[return-value]

