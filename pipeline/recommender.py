@@ -53,6 +53,7 @@ class Recommender:
         self.dataset = dataset
         self.progress = progress
         self.cache_dir = cfg.resolved_cache_dir()
+        self._warned_untuned = False
 
     @classmethod
     def from_config(cls, cfg: FedrecConfig, *, progress: bool = False) -> Recommender:
@@ -181,7 +182,9 @@ class Recommender:
             return self.cfg.rerank.fusion_weight
         if self.fusion_path().is_file():
             return float(json.loads(self.fusion_path().read_text())["weight"])
-        log.warning("no fusion weight tuned for this setup yet (run `fedrec evaluate --stage rerank`); using the LLM score alone")
+        if not self._warned_untuned:
+            log.warning("no fusion weight tuned for this setup yet (run `fedrec evaluate --stage rerank`); using the LLM score alone")
+            self._warned_untuned = True
         return 1.0
 
     def reranker(self, *, soft_prompt: torch.Tensor | None = None, fusion_weight: float | None = None) -> Reranker:
