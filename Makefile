@@ -38,10 +38,14 @@ demo: setup
 test: setup $(if $(IS_CI),vllm-venv)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# All benchmarks (about an hour on 2 cores); each rewrites its own section of benchmarks/RESULTS.md.
 bench: setup
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_retrieval.py
 	$(PY) benchmarks/bench_eval.py
+	$(PY) benchmarks/bench_llm.py
+	$(PY) benchmarks/bench_rerank.py
+	$(PY) benchmarks/bench_federation.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache
