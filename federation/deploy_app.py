@@ -10,7 +10,6 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -54,14 +53,10 @@ def make_deployment_client_app() -> ClientApp:
 
         settings = _run_settings(context.run_config)
         if settings not in inner:
+            from federation.runner import client_loader
+
             rec = _recommender(*settings)
-            clients = partition_users(rec.dataset, rec.split.train(), rec.cfg.partition)
-            histories = rec.split.train()
-
-            def load(partition: int) -> tuple[np.ndarray, list[np.ndarray]]:
-                return rec.item_vectors, [histories[u] for u in clients[partition]]
-
-            inner[settings] = make_client_app(load)
+            inner[settings] = make_client_app(client_loader(rec, partition_users(rec.dataset, rec.split.train(), rec.cfg.partition)))
         return inner[settings](msg, context)
 
     return app

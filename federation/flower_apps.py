@@ -19,12 +19,12 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from federation.core import Payload, State
-from federation.task import ClientResult, ServerState, local_train, server_round
+from federation.task import ClientData, ClientResult, ServerState, local_train, server_round
 from pipeline.config import FederationConfig
 
 log = logging.getLogger(__name__)
-ClientLoader = Callable[[int], tuple[np.ndarray, list[np.ndarray]]]
-"""partition id → (item text vectors, that client's training histories)."""
+ClientLoader = Callable[[int], ClientData]
+"""partition id → that client's private data."""
 
 
 def to_record(state: State) -> ArrayRecord:
@@ -49,8 +49,7 @@ def make_client_app(load: ClientLoader) -> ClientApp:
         partition = int(context.node_config["partition-id"])
         cfg = FederationConfig.model_validate_json(str(msg.content["config"]["federation"]))
         round_ = int(msg.content["config"]["round"])
-        text_vectors, histories = load(partition)
-        delta, examples, metrics = local_train(from_record(msg.content["arrays"]), histories, text_vectors, cfg, seed=round_ * 100_003 + partition)
+        delta, examples, metrics = local_train(from_record(msg.content["arrays"]), load(partition), cfg, seed=round_ * 100_003 + partition)
         reply = RecordDict({
             "arrays": to_record(delta),
             "metrics": MetricRecord({"num-examples": int(examples), "loss": float(metrics["loss"]), "partition-id": partition}),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from federation import checkpoint
 from federation.core import Payload, State
-from federation.task import ServerState, new_server, tower_config
+from federation.task import ClientData, LLMTask, ServerState, new_server, tower_config
 from pipeline.data import partition_users
 from pipeline.errors import FedrecError
 from pipeline.evaluate import FunctionScorer, evaluate_scorer
@@ -58,6 +59,71 @@ def evaluate_state(rec: Recommender, state: State, split: str, users: np.ndarray
     return result.metrics
 
 
+def _llm(rec: Recommender):  # noqa: ANN202 - TransformersBackend
+    from pipeline.llm.transformers_backend import TransformersBackend
+
+    if not isinstance(rec.backend, TransformersBackend):
+        raise FedrecError("federation.soft_prompt trains through the LLM in-process; set llm.backend=transformers")
+    return rec.backend
+
+
+def client_loader(rec: Recommender, clients: list[np.ndarray]) -> Callable[[int], ClientData]:
+    """partition id → that client's data; each client builds its users' profiles and its LLM task itself."""
+    train_histories = rec.split.train()
+    cfg = rec.cfg
+
+    def load(partition: int) -> ClientData:
+        users = clients[partition]
+        histories = [train_histories[u] for u in users]
+        llm = None
+        if cfg.federation.soft_prompt:
+            from pipeline.profile import build_profile
+            from pipeline.rerank import PromptBuilder
+
+            backend = _llm(rec)
+            builder = PromptBuilder(backend, rec.dataset.catalog, cfg.rerank.model_copy(update={"template": "rerank.v2"}), item_tokens=True)
+            profiles = [build_profile(h[:-1], rec.dataset.catalog, cfg.profile, ratings=rec.dataset.ratings[u][: len(h) - 1],
+                                      count_tokens=rec.embedder.count_tokens) for u, h in zip(users, histories, strict=True)]
+            llm = LLMTask(backend, builder, profiles, cfg.retrieval.num_candidates)
+        return ClientData(rec.item_vectors, histories, llm)
+
+    return load
+
+
+def evaluate_rerank_state(rec: Recommender, state: State, split: str, users: np.ndarray) -> dict[str, float]:
+    """Tower top-N candidates reranked with the trained soft prompt and item tokens (misses count as 0)."""
+    import torch
+
+    from federation.softprompt import SoftPrompt
+    from pipeline.evaluate import list_counts, metrics_from_counts
+    from pipeline.rerank import PromptBuilder, RerankRequest, VerbalizerReranker
+    from retrieval import Candidate
+
+    cfg = rec.cfg
+    backend = _llm(rec)
+    tower = RetrievalTower(rec.item_vectors, tower_config(cfg.federation))
+    tower.load_arrays(state)
+    module = SoftPrompt(cfg.federation.soft_prompt_tokens, backend.hidden_size, cfg.federation.tower_dim)
+    module.load_arrays(state)
+    histories = rec.split.histories(split)
+    with torch.no_grad():
+        items = tower.item_embeddings()
+        scores = tower.query([histories[u] for u in users]) @ items.T
+    requests = []
+    for row, u in enumerate(users):
+        ranked = scores[row].clone()
+        ranked[torch.as_tensor(histories[u], dtype=torch.long)] = -torch.inf
+        top = torch.topk(ranked, cfg.retrieval.num_candidates)
+        candidates = tuple(Candidate(int(i), float(v)) for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True))
+        requests.append(RerankRequest(rec.profile(int(u), split), tuple(histories[u].tolist()), candidates))
+    builder = PromptBuilder(backend, rec.dataset.catalog, cfg.rerank.model_copy(update={"template": "rerank.v2"}), item_tokens=True)
+    reranker = VerbalizerReranker(backend, builder, fusion_weight=1.0, soft_prompt=module.prompt.detach(),
+                                  item_tokens=lambda ids: module.item_tokens(items[list(ids)]).detach())
+    ranked_lists = [[x.item for x in r] for r in reranker.rerank_batch(requests)]
+    greater, ties = list_counts(ranked_lists, rec.split.targets(split)[users])
+    return {k: float(v.mean()) for k, v in metrics_from_counts(greater, ties, cfg.eval.ks, max_rank=rec.dataset.n_items).items()}
+
+
 def train(rec: Recommender, *, resume: bool = False, progress: bool = False, grid: Any = None) -> dict[str, Any]:
     """Run federated rounds; after each, evaluate on validation and checkpoint atomically.
 
@@ -77,11 +143,10 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
     elif resume:
         raise FedrecError(f"--resume: no checkpoint at {ckpt}; run without --resume to start")
     else:
-        server = new_server(text_vectors, cfg, len(clients))
+        server = new_server(text_vectors, cfg, len(clients), llm_hidden=_llm(rec).hidden_size if cfg.soft_prompt else None)
     payload = Payload()
 
-    def load(partition: int) -> tuple[np.ndarray, list[np.ndarray]]:
-        return text_vectors, [train_histories[u] for u in clients[partition]]
+    load = client_loader(rec, clients)
 
     from pipeline.ui import rate_progress
 
@@ -122,6 +187,8 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
         "test": evaluate_state(rec, server.state, "test", eval_users),
         "state_bytes": int(sum(v.nbytes for v in server.state.values())),
     }
+    if cfg.soft_prompt:
+        results["test_rerank"] = evaluate_rerank_state(rec, server.state, "test", eval_users)
     if server.accountant is not None:
         results["epsilon"] = server.accountant.epsilon(cfg.dp_delta)
     write_json(folder / "results.json", results)

@@ -38,11 +38,10 @@ def make_secagg_client_app(load: ClientLoader, cfg: FederationConfig) -> ClientA
             self.partition = partition
 
         def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-            text_vectors, histories = load(self.partition)
             keys = sorted(str(k) for k in str(config["keys"]).split(","))
             state = dict(zip(keys, parameters, strict=True))
             round_ = int(config["round"])
-            delta, examples, metrics = local_train(state, histories, text_vectors, cfg, seed=round_ * 100_003 + self.partition)
+            delta, examples, metrics = local_train(state, load(self.partition), cfg, seed=round_ * 100_003 + self.partition)
             return [delta[k].astype(np.float64) for k in keys], examples, {"loss": float(metrics["loss"])}
 
     def client_fn(context: Context):  # noqa: ANN202 - flwr.client.Client

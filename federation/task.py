@@ -36,23 +36,88 @@ def tower_config(cfg: FederationConfig) -> TowerConfig:
     return TowerConfig(dim=cfg.tower_dim, max_len=cfg.tower_max_len, layers=cfg.tower_layers)
 
 
-def initial_state(text_vectors: np.ndarray, cfg: FederationConfig) -> State:
-    """The untrained global state (item tower starts from the text geometry)."""
-    return RetrievalTower(text_vectors, tower_config(cfg), seed=cfg.seed).state_arrays()
+def initial_state(text_vectors: np.ndarray, cfg: FederationConfig, *, llm_hidden: int | None = None) -> State:
+    """The untrained global state: the tower (starting from the text geometry) and, with
+    `cfg.soft_prompt`, the soft prompt and item-token projector for an LLM of width `llm_hidden`."""
+    state = RetrievalTower(text_vectors, tower_config(cfg), seed=cfg.seed).state_arrays()
+    if cfg.soft_prompt:
+        if llm_hidden is None:
+            raise ValueError("federation.soft_prompt needs the LLM's hidden size")
+        from federation.softprompt import SoftPrompt
+
+        state.update(SoftPrompt(cfg.soft_prompt_tokens, llm_hidden, cfg.tower_dim, seed=cfg.seed).state_arrays())
+    return state
 
 
-def local_train(
-    global_state: State, histories: list[np.ndarray], text_vectors: np.ndarray, cfg: FederationConfig, *, seed: int
-) -> tuple[State, int, dict[str, float]]:
-    """Train the tower on one client's histories.
+@dataclass
+class LLMTask:
+    """What a client needs to train the soft prompt: the frozen LLM, a prompt builder with item slots,
+    and one text profile per user (built from the history before the training target)."""
+
+    backend: Any
+    builder: Any
+    profiles: list[str]
+    n_candidates: int = 20
+
+
+@dataclass
+class ClientData:
+    """One client's private data."""
+
+    text_vectors: np.ndarray
+    histories: list[np.ndarray]
+    """Training histories of the client's users."""
+    llm: LLMTask | None = None
+
+
+def local_train(global_state: State, data: ClientData, cfg: FederationConfig, *, seed: int) -> tuple[State, int, dict[str, float]]:
+    """Train the tower (and, with `cfg.soft_prompt`, the soft prompt) on one client's data.
 
     Returns:
         (delta of the shared arrays, number of training windows, metrics).
     """
-    tower = RetrievalTower(text_vectors, tower_config(cfg), seed=cfg.seed)
+    tower = RetrievalTower(data.text_vectors, tower_config(cfg), seed=cfg.seed)
     tower.load_arrays(global_state)
-    metrics = train_tower(tower, histories, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, prox_mu=cfg.prox_mu, seed=seed)
-    return subtract(tower.state_arrays(), global_state), int(metrics["examples"]), metrics
+    metrics = train_tower(tower, data.histories, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, prox_mu=cfg.prox_mu, seed=seed)
+    local = tower.state_arrays()
+    if cfg.soft_prompt:
+        if data.llm is None:
+            raise ValueError("federation.soft_prompt is on but this client has no LLM task")
+        local.update(_train_soft_prompt(global_state, tower, data, cfg, seed=seed, metrics=metrics))
+    return subtract(local, global_state), int(metrics["examples"]), metrics
+
+
+def _train_soft_prompt(global_state: State, tower: RetrievalTower, data: ClientData, cfg: FederationConfig, *, seed: int,
+                       metrics: dict[str, float]) -> State:
+    """One epoch over the client's users: history minus its last item → candidates from the local tower → target."""
+    import torch
+
+    from federation.softprompt import SoftPrompt, make_examples, train_soft_prompt
+    from pipeline.rerank import RerankRequest
+    from retrieval import Candidate
+
+    llm = data.llm
+    assert llm is not None
+    n = llm.n_candidates
+    usable = [i for i, h in enumerate(data.histories) if len(h) >= 2]
+    with torch.no_grad():
+        items = tower.item_embeddings()
+        scores = tower.query([data.histories[i][:-1] for i in usable]) @ items.T
+    requests, targets = [], []
+    for row, i in enumerate(usable):
+        history = data.histories[i][:-1]
+        ranked = scores[row].clone()
+        ranked[torch.as_tensor(history, dtype=torch.long)] = -torch.inf
+        top = torch.topk(ranked, n).indices.tolist()
+        requests.append(RerankRequest(llm.profiles[i], tuple(history.tolist()), tuple(Candidate(int(t), 0.0) for t in top)))
+        targets.append(int(data.histories[i][-1]))
+    module = SoftPrompt(cfg.soft_prompt_tokens, llm.backend.hidden_size, cfg.tower_dim, seed=cfg.seed)
+    module.load_arrays(global_state)
+    examples = make_examples(llm.builder, requests, targets, seed=seed)
+    stats = train_soft_prompt(module, llm.backend, examples, items.detach(), llm.builder.labels(n), epochs=1,
+                              batch_size=cfg.soft_prompt_batch_size, lr=cfg.soft_prompt_lr, seed=seed)
+    metrics["soft_prompt_loss"] = stats["loss"]
+    return module.state_arrays()
 
 
 def make_aggregator(cfg: FederationConfig) -> Aggregator:
@@ -127,11 +192,11 @@ def server_round(server: ServerState, results: list[ClientResult], cfg: Federati
     return report
 
 
-def new_server(text_vectors: np.ndarray, cfg: FederationConfig, n_clients: int) -> ServerState:
+def new_server(text_vectors: np.ndarray, cfg: FederationConfig, n_clients: int, *, llm_hidden: int | None = None) -> ServerState:
     """Round-0 server state for `cfg`."""
     optimizer = FedAdam(lr=cfg.server_lr) if cfg.server_optimizer == "fedadam" else None
     accountant = None
     if cfg.dp_clip is not None:
         sample_rate = min(1.0, (cfg.clients_per_round or n_clients) / n_clients)
         accountant = RDPAccountant(cfg.dp_noise_multiplier, sample_rate)
-    return ServerState(0, initial_state(text_vectors, cfg), optimizer, accountant)
+    return ServerState(0, initial_state(text_vectors, cfg, llm_hidden=llm_hidden), optimizer, accountant)

@@ -221,6 +221,14 @@ class FederationConfig(_Section):
     """Central DP: Gaussian noise std as a multiple of dp_clip, on the sum of updates."""
     dp_delta: float = Field(default=1e-5, gt=0, lt=1)
     """δ at which ε is reported."""
+    soft_prompt: bool = False
+    """Also train the LLM soft prompt and the item-token projector (rerank.v2 prompts) on each client, in-process backend only."""
+    soft_prompt_tokens: int = Field(default=20, ge=0)
+    """Virtual tokens in the soft prompt."""
+    soft_prompt_lr: float = Field(default=1e-2, gt=0)
+    """Client learning rate for the soft prompt and projector."""
+    soft_prompt_batch_size: int = Field(default=8, ge=1)
+    """Prompts per soft-prompt training step."""
     secagg: bool = False
     """Aggregate with SecAgg+ (the server sees only the weighted mean; no per-update validation, robust rules or central DP)."""
     secagg_num_shares: int = Field(default=3, ge=2)

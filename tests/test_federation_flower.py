@@ -70,11 +70,11 @@ def test_failing_and_invalid_clients_do_not_stop_the_round(tmp_path: Path, monke
 
     real = apps.local_train
 
-    def flaky(state, histories, text_vectors, cfg, *, seed):
+    def flaky(state, data, cfg, *, seed):
         partition = seed % 100_003
         if partition == 1:
             raise RuntimeError("client 1 lost power")
-        delta, n, metrics = real(state, histories, text_vectors, cfg, seed=seed)
+        delta, n, metrics = real(state, data, cfg, seed=seed)
         if partition == 2:
             key = next(iter(delta))
             delta[key] = np.full_like(delta[key], np.nan)
@@ -116,8 +116,10 @@ def test_secagg_equals_fedavg_within_quantisation_error(tmp_path: Path) -> None:
     start = initial_state(rec.item_vectors, cfg)
     clients = partition_users(rec.dataset, rec.split.train(), rec.cfg.partition)
     from federation.core import FedAvg, add
+    from federation.task import ClientData
 
-    results = [local_train(start, [rec.split.train()[u] for u in c], rec.item_vectors, cfg, seed=1 * 100_003 + i) for i, c in enumerate(clients)]
+    results = [local_train(start, ClientData(rec.item_vectors, [rec.split.train()[u] for u in c]), cfg, seed=1 * 100_003 + i)
+               for i, c in enumerate(clients)]
     plain = add(start, FedAvg().aggregate([r[0] for r in results], [r[1] for r in results]))
     max_weight = max(r[1] for r in results)
     bound = 2 * cfg.secagg_clipping_range / cfg.secagg_quantization_range * max_weight / min(r[1] for r in results) * 2
@@ -165,3 +167,21 @@ def test_fedrec_train_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
     with pytest.raises(SystemExit) as done:
         main()
     assert done.value.code == 2 and "flwr run federation/deploy" in capsys.readouterr().out
+
+
+def test_soft_prompt_and_projector_travel_with_the_tower(tmp_path: Path, tiny_llama: Path) -> None:
+    """With federation.soft_prompt, clients also train the soft prompt and item-token projector through the frozen LLM."""
+    from federation.checkpoint import load
+    from federation.runner import run_dir, train
+
+    rec = _recommender(tmp_path, "federation.rounds=1", "federation.soft_prompt=true", "federation.soft_prompt_tokens=4",
+                       f"llm.model={tiny_llama}", "llm.dtype=float32", "retrieval.num_candidates=6", "eval.max_users=12",
+                       "rerank.max_history_titles=3", "profile.max_tokens=48")
+    results = train(rec)
+    state = load(run_dir(rec) / "checkpoint.npz").state
+    soft = {k for k in state if k.startswith("soft/")}
+    assert soft == {"soft/prompt", "soft/projector.weight", "soft/projector.bias"}
+    assert state["soft/prompt"].shape == (4, rec.backend.hidden_size)
+    assert results["history"][0]["accepted"] == 4
+    assert results["history"][0]["bytes_up"] == 4 * results["state_bytes"]
+    assert set(results["test_rerank"]) >= {"R@5", "N@10", "MRR"}
