@@ -46,6 +46,7 @@ bench: setup
 	$(PY) benchmarks/bench_llm.py
 	$(PY) benchmarks/bench_rerank.py
 	$(PY) benchmarks/bench_federation.py
+	$(PY) benchmarks/bench_ablation.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache
