@@ -36,11 +36,9 @@ def main() -> None:
     from federation.softprompt import SoftPrompt, make_examples, train_soft_prompt
     from federation.task import initial_state, tower_config
     from pipeline.config import load_config
-    from pipeline.evaluate import list_counts, metrics_from_counts
-    from pipeline.profile import build_profile
+    from pipeline.evaluate import list_metrics
     from pipeline.recommender import Recommender
     from pipeline.rerank import PromptBuilder, RerankRequest, VerbalizerReranker
-    from retrieval import Candidate
     from retrieval.tower import RetrievalTower, train_tower
 
     cache = str(Path.home() / ".cache" / "fedrec")
@@ -55,28 +53,20 @@ def main() -> None:
     tower.load_arrays(initial_state(rec.item_vectors, cfg.federation))
     train_tower(tower, rec.split.train(), epochs=args.tower_epochs, lr=cfg.federation.lr)
     with torch.no_grad():
-        items = tower.item_embeddings()
+        items = tower.item_embeddings()  # eval mode: the same vectors top_candidates scores with
     tower_minutes = (time.perf_counter() - start) / 60
     n = cfg.retrieval.num_candidates
 
-    def requests_for(users: np.ndarray, histories: list[np.ndarray], profiles: list[str]) -> list[RerankRequest]:
-        with torch.no_grad():
-            scores = tower.query(histories) @ items.T
-        out = []
-        for row, history in enumerate(histories):
-            ranked = scores[row].clone()
-            ranked[torch.as_tensor(history, dtype=torch.long)] = -torch.inf
-            top = torch.topk(ranked, n)
-            out.append(RerankRequest(profiles[row], tuple(history.tolist()),
-                                     tuple(Candidate(int(i), float(v)) for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True))))
-        return out
+    def requests_for(histories: list[np.ndarray], profiles: list[str]) -> list[RerankRequest]:
+        _, candidates = tower.top_candidates(histories, n)
+        return [RerankRequest(p, tuple(h.tolist()), tuple(c)) for h, p, c in zip(histories, profiles, candidates, strict=True)]
 
     train_hist = [rec.split.train()[u] for u in train_users]
-    train_profiles = [build_profile(h[:-1], rec.dataset.catalog, cfg.profile, count_tokens=rec.embedder.count_tokens) for h in train_hist]
-    train_requests = requests_for(train_users, [h[:-1] for h in train_hist], train_profiles)
+    train_profiles = [rec.text_profile(h[:-1]) for h in train_hist]
+    train_requests = requests_for([h[:-1] for h in train_hist], train_profiles)
     train_targets = [int(h[-1]) for h in train_hist]
     test_hist = [rec.split.histories("test")[u] for u in eval_users]
-    test_requests = requests_for(eval_users, test_hist, [rec.profile(int(u), "test") for u in eval_users])
+    test_requests = requests_for(test_hist, [rec.profile(int(u), "test") for u in eval_users])
     test_targets = rec.split.targets("test")[eval_users]
 
     backend = rec.backend
@@ -102,14 +92,12 @@ def main() -> None:
             item_tokens=(lambda ids, m=module: m.item_tokens(items[list(ids)]).detach()) if tokens else None,
         )
         ranked = [[x.item for x in r] for r in reranker.rerank_batch(test_requests)]
-        greater, ties = list_counts(ranked, test_targets)
-        metrics = {k: float(v.mean()) for k, v in metrics_from_counts(greater, ties, [1, 10], max_rank=rec.dataset.n_items).items()}
+        metrics = list_metrics(ranked, test_targets, [1, 10], rec.dataset.n_items)
         rows.append([name, f"{metrics['R@1']:.4f}", f"{metrics['R@10']:.4f}", f"{metrics['N@10']:.4f}", f"{metrics['MRR']:.4f}",
                      f"{loss:.3f}" if trained else "—", f"{train_minutes:.1f}"])
         print(rows[-1], flush=True)
     tower_order = [[c.item for c in r.candidates] for r in test_requests]
-    greater, ties = list_counts(tower_order, test_targets)
-    base = {k: float(v.mean()) for k, v in metrics_from_counts(greater, ties, [1, 10], max_rank=rec.dataset.n_items).items()}
+    base = list_metrics(tower_order, test_targets, [1, 10], rec.dataset.n_items)
     rows.insert(0, ["tower order (no LLM)", f"{base['R@1']:.4f}", f"{base['R@10']:.4f}", f"{base['N@10']:.4f}", f"{base['MRR']:.4f}", "—", "—"])
     ceiling = float(np.mean([t in c for t, c in zip(test_targets, tower_order, strict=True)]))
     table = markdown_table(["reranker", "R@1", "R@10", "N@10", "MRR", "train loss", "train min"], rows)

@@ -77,13 +77,11 @@ def client_loader(rec: Recommender, clients: list[np.ndarray]) -> Callable[[int]
         histories = [train_histories[u] for u in users]
         llm = None
         if cfg.federation.soft_prompt:
-            from pipeline.profile import build_profile
             from pipeline.rerank import PromptBuilder
 
             backend = _llm(rec)
             builder = PromptBuilder(backend, rec.dataset.catalog, cfg.rerank.model_copy(update={"template": "rerank.v2"}), item_tokens=True)
-            profiles = [build_profile(h[:-1], rec.dataset.catalog, cfg.profile, ratings=rec.dataset.ratings[u][: len(h) - 1],
-                                      count_tokens=rec.embedder.count_tokens) for u, h in zip(users, histories, strict=True)]
+            profiles = [rec.text_profile(h[:-1], rec.dataset.ratings[u][: len(h) - 1]) for u, h in zip(users, histories, strict=True)]
             llm = LLMTask(backend, builder, profiles, cfg.retrieval.num_candidates)
         return ClientData(rec.item_vectors, histories, llm)
 
@@ -92,12 +90,9 @@ def client_loader(rec: Recommender, clients: list[np.ndarray]) -> Callable[[int]
 
 def evaluate_rerank_state(rec: Recommender, state: State, split: str, users: np.ndarray) -> dict[str, float]:
     """Tower top-N candidates reranked with the trained soft prompt and item tokens (misses count as 0)."""
-    import torch
-
     from federation.softprompt import SoftPrompt
-    from pipeline.evaluate import list_counts, metrics_from_counts
+    from pipeline.evaluate import list_metrics
     from pipeline.rerank import PromptBuilder, RerankRequest, VerbalizerReranker
-    from retrieval import Candidate
 
     cfg = rec.cfg
     backend = _llm(rec)
@@ -106,22 +101,14 @@ def evaluate_rerank_state(rec: Recommender, state: State, split: str, users: np.
     module = SoftPrompt(cfg.federation.soft_prompt_tokens, backend.hidden_size, cfg.federation.tower_dim)
     module.load_arrays(state)
     histories = rec.split.histories(split)
-    with torch.no_grad():
-        items = tower.item_embeddings()
-        scores = tower.query([histories[u] for u in users]) @ items.T
-    requests = []
-    for row, u in enumerate(users):
-        ranked = scores[row].clone()
-        ranked[torch.as_tensor(histories[u], dtype=torch.long)] = -torch.inf
-        top = torch.topk(ranked, cfg.retrieval.num_candidates)
-        candidates = tuple(Candidate(int(i), float(v)) for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True))
-        requests.append(RerankRequest(rec.profile(int(u), split), tuple(histories[u].tolist()), candidates))
+    items, candidates = tower.top_candidates([histories[u] for u in users], cfg.retrieval.num_candidates)
+    requests = [RerankRequest(rec.profile(int(u), split), tuple(histories[u].tolist()), tuple(found))
+                for u, found in zip(users, candidates, strict=True)]
     builder = PromptBuilder(backend, rec.dataset.catalog, cfg.rerank.model_copy(update={"template": "rerank.v2"}), item_tokens=True)
     reranker = VerbalizerReranker(backend, builder, fusion_weight=1.0, soft_prompt=module.prompt.detach(),
                                   item_tokens=lambda ids: module.item_tokens(items[list(ids)]).detach())
     ranked_lists = [[x.item for x in r] for r in reranker.rerank_batch(requests)]
-    greater, ties = list_counts(ranked_lists, rec.split.targets(split)[users])
-    return {k: float(v.mean()) for k, v in metrics_from_counts(greater, ties, cfg.eval.ks, max_rank=rec.dataset.n_items).items()}
+    return list_metrics(ranked_lists, rec.split.targets(split)[users], cfg.eval.ks, rec.dataset.n_items)
 
 
 def train(rec: Recommender, *, resume: bool = False, progress: bool = False, grid: Any = None) -> dict[str, Any]:

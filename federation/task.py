@@ -90,27 +90,17 @@ def local_train(global_state: State, data: ClientData, cfg: FederationConfig, *,
 def _train_soft_prompt(global_state: State, tower: RetrievalTower, data: ClientData, cfg: FederationConfig, *, seed: int,
                        metrics: dict[str, float]) -> State:
     """One epoch over the client's users: history minus its last item → candidates from the local tower → target."""
-    import torch
-
     from federation.softprompt import SoftPrompt, make_examples, train_soft_prompt
     from pipeline.rerank import RerankRequest
-    from retrieval import Candidate
 
     llm = data.llm
     assert llm is not None
     n = llm.n_candidates
     usable = [i for i, h in enumerate(data.histories) if len(h) >= 2]
-    with torch.no_grad():
-        items = tower.item_embeddings()
-        scores = tower.query([data.histories[i][:-1] for i in usable]) @ items.T
-    requests, targets = [], []
-    for row, i in enumerate(usable):
-        history = data.histories[i][:-1]
-        ranked = scores[row].clone()
-        ranked[torch.as_tensor(history, dtype=torch.long)] = -torch.inf
-        top = torch.topk(ranked, n).indices.tolist()
-        requests.append(RerankRequest(llm.profiles[i], tuple(history.tolist()), tuple(Candidate(int(t), 0.0) for t in top)))
-        targets.append(int(data.histories[i][-1]))
+    items, candidates = tower.top_candidates([data.histories[i][:-1] for i in usable], n)
+    requests = [RerankRequest(llm.profiles[i], tuple(data.histories[i][:-1].tolist()), tuple(found))
+                for i, found in zip(usable, candidates, strict=True)]
+    targets = [int(data.histories[i][-1]) for i in usable]
     module = SoftPrompt(cfg.soft_prompt_tokens, llm.backend.hidden_size, cfg.tower_dim, seed=cfg.seed)
     module.load_arrays(global_state)
     examples = make_examples(llm.builder, requests, targets, seed=seed)

@@ -98,7 +98,6 @@ class BatchReranker:
         }
 
     def _request(self, row: RerankRow):  # noqa: ANN202 - pipeline.rerank.RerankRequest
-        from pipeline.profile import build_profile
         from pipeline.rerank import RerankRequest
         from retrieval import Candidate, Query
 
@@ -112,7 +111,7 @@ class BatchReranker:
         else:
             user = data.user_index(row.user_id)
             history, ratings = data.sequences[user].tolist(), data.ratings[user]
-        profile = build_profile(history, cat, self.rec.cfg.profile, ratings=ratings, count_tokens=self.rec.embedder.count_tokens)
+        profile = self.rec.text_profile(history, ratings)
         if row.candidates is None:
             found = self.rec.retriever.retrieve(Query(tuple(history), profile), self.rec.cfg.retrieval.num_candidates)
         else:

@@ -129,6 +129,12 @@ def list_counts(ranked: Sequence[Sequence[int]], targets: np.ndarray) -> tuple[n
     return greater, np.ones(len(targets))
 
 
+def list_metrics(ranked: Sequence[Sequence[int]], targets: np.ndarray, ks: Sequence[int], n_items: int) -> dict[str, float]:
+    """Mean Recall/NDCG@k and MRR of ranked lists (a target not in its list counts as 0)."""
+    greater, ties = list_counts(ranked, targets)
+    return {k: float(v.mean()) for k, v in metrics_from_counts(greater, ties, ks, max_rank=n_items).items()}
+
+
 def sample_negatives(sequences: Sequence[np.ndarray], n_items: int, n_negatives: int, seed: int) -> np.ndarray:
     """`(n_users, n_negatives)` items each user never interacted with, drawn uniformly without replacement."""
     out = np.empty((len(sequences), n_negatives), dtype=np.int64)
@@ -276,8 +282,7 @@ def _report(rec: Recommender, users: np.ndarray, stage: str, rows: list[dict], *
 
 
 def _list_result(name: str, split: str, ranked: Sequence[Sequence[int]], targets: np.ndarray, ks: Sequence[int], n_items: int, ceiling: float) -> dict:
-    greater, ties = list_counts(ranked, targets)
-    metrics = {k: float(v.mean()) for k, v in metrics_from_counts(greater, ties, ks, max_rank=n_items).items()}
+    metrics = list_metrics(ranked, targets, ks, n_items)
     return Result(name, split, len(targets), metrics, {f"ceiling_R@{len(ranked[0]) if ranked else 0}": ceiling}).row()
 
 

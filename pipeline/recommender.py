@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -134,7 +135,10 @@ class Recommender:
     def profile(self, user: int, split: SplitName = "test") -> str:
         """The text profile of user index `user` from what precedes the split's target."""
         history = self.split.histories(split)[user]
-        ratings = self.dataset.ratings[user][: len(history)]
+        return self.text_profile(history, self.dataset.ratings[user][: len(history)])
+
+    def text_profile(self, history: Sequence[int], ratings: Sequence[float] | None = None) -> str:
+        """The text profile of any history (item indices, oldest first), bounded in the embedder's tokens."""
         return build_profile(history, self.dataset.catalog, self.cfg.profile, ratings=ratings, count_tokens=self.embedder.count_tokens)
 
     def queries(self, users: np.ndarray, split: SplitName = "test") -> list[Query]:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from retrieval.retriever import Candidate
+
 
 @dataclass(frozen=True)
 class TowerConfig:
@@ -91,6 +93,19 @@ class RetrievalTower(nn.Module):
     def query(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
         """`(b, dim)` query vectors: the encoder state at each history's last position."""
         return self._sequence_states(self.pad_histories(histories))[:, -1]
+
+    def top_candidates(self, histories: Sequence[Sequence[int]], n: int) -> tuple[torch.Tensor, list[list[Candidate]]]:
+        """Item embeddings `(n_items, dim)` and, per history, its `n` best-scoring unseen items (no gradient)."""
+        with torch.no_grad():
+            items = self.item_embeddings()
+            scores = self.query(histories) @ items.T
+        out = []
+        for row, history in enumerate(histories):
+            ranked = scores[row].clone()
+            ranked[torch.as_tensor(np.asarray(history, dtype=np.int64))] = -torch.inf
+            top = torch.topk(ranked, n)
+            out.append([Candidate(int(i), float(v)) for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)])
+        return items, out
 
     def loss(self, windows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over the catalogue at every non-padded position.
