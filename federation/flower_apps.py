@@ -49,7 +49,7 @@ def make_client_app(load: ClientLoader) -> ClientApp:
         partition = int(context.node_config["partition-id"])
         cfg = FederationConfig.model_validate_json(str(msg.content["config"]["federation"]))
         round_ = int(msg.content["config"]["round"])
-        delta, examples, metrics = local_train(from_record(msg.content["arrays"]), load(partition), cfg, seed=round_ * 100_003 + partition)
+        delta, examples, metrics = local_train(from_record(msg.content["arrays"]), load(partition), cfg, seed=round_ * 100_003 + partition, round_=round_)
         reply = RecordDict({
             "arrays": to_record(delta),
             "metrics": MetricRecord({"num-examples": int(examples), "loss": float(metrics["loss"]), "partition-id": partition}),

@@ -13,7 +13,7 @@ import numpy as np
 
 from federation import checkpoint
 from federation.core import Payload, State
-from federation.task import ClientData, LLMTask, ServerState, new_server, tower_config
+from federation.task import ClientData, LLMTask, PrivateStore, ServerState, new_server, tower_config
 from pipeline.data import partition_users
 from pipeline.errors import FedrecError
 from pipeline.evaluate import FunctionScorer, evaluate_scorer
@@ -83,32 +83,64 @@ def client_loader(rec: Recommender, clients: list[np.ndarray]) -> Callable[[int]
             builder = PromptBuilder(backend, rec.dataset.catalog, cfg.rerank.model_copy(update={"template": "rerank.v2"}), item_tokens=True)
             profiles = [rec.text_profile(h[:-1], rec.dataset.ratings[u][: len(h) - 1]) for u, h in zip(users, histories, strict=True)]
             llm = LLMTask(backend, builder, profiles, cfg.retrieval.num_candidates)
-        return ClientData(rec.item_vectors, histories, llm)
+        private = private_store(rec, partition) if cfg.federation.personal_tokens else None
+        return ClientData(rec.item_vectors, histories, llm, private)
 
     return load
 
 
-def evaluate_rerank_state(rec: Recommender, state: State, split: str, users: np.ndarray) -> dict[str, float]:
-    """Tower top-N candidates reranked with the trained soft prompt and item tokens (misses count as 0)."""
+def private_store(rec: Recommender, partition: int) -> PrivateStore:
+    """Client `partition`'s folder for arrays that never leave it (on its own machine in a deployment)."""
+    return PrivateStore(run_dir(rec) / "clients" / f"{partition:05d}")
+
+
+def evaluate_rerank_state(rec: Recommender, state: State, split: str, users: np.ndarray,
+                          clients: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """Tower top-N candidates reranked with the trained soft prompt and item tokens (misses count as 0).
+
+    With `federation.personal_tokens`, each client's users are reranked with that client's personal
+    tokens (read from its private folder: per-client evaluation runs where the client's data is).
+    With `clients`, the result also has `by_client`: each client's mean metrics over its users.
+    """
+    import torch
+
     from federation.softprompt import SoftPrompt
-    from pipeline.evaluate import list_metrics
+    from pipeline.evaluate import list_counts, metrics_from_counts
     from pipeline.rerank import PromptBuilder, RerankRequest, VerbalizerReranker
 
     cfg = rec.cfg
     backend = _llm(rec)
     tower = RetrievalTower(rec.item_vectors, tower_config(cfg.federation))
     tower.load_arrays(state)
-    module = SoftPrompt(cfg.federation.soft_prompt_tokens, backend.hidden_size, cfg.federation.tower_dim)
-    module.load_arrays(state)
     histories = rec.split.histories(split)
     items, candidates = tower.top_candidates([histories[u] for u in users], cfg.retrieval.num_candidates)
-    requests = [RerankRequest(rec.profile(int(u), split), tuple(histories[u].tolist()), tuple(found))
-                for u, found in zip(users, candidates, strict=True)]
+    found = dict(zip(users.tolist(), candidates, strict=True))
     builder = PromptBuilder(backend, rec.dataset.catalog, cfg.rerank.model_copy(update={"template": "rerank.v2"}), item_tokens=True)
-    reranker = VerbalizerReranker(backend, builder, fusion_weight=1.0, soft_prompt=module.prompt.detach(),
-                                  item_tokens=lambda ids: module.item_tokens(items[list(ids)]).detach())
-    ranked_lists = [[x.item for x in r] for r in reranker.rerank_batch(requests)]
-    return list_metrics(ranked_lists, rec.split.targets(split)[users], cfg.eval.ks, rec.dataset.n_items)
+    wanted = set(users.tolist())
+    groups = [(i, np.array([u for u in c if u in wanted], dtype=np.int64)) for i, c in enumerate(clients or [users])]
+    groups = [(i, g) for i, g in groups if len(g)]
+    ranked: dict[int, list[int]] = {}
+    for partition, members in groups:
+        module = SoftPrompt(cfg.federation.soft_prompt_tokens, backend.hidden_size, cfg.federation.tower_dim,
+                            personal=cfg.federation.personal_tokens if clients else 0)
+        module.load_arrays(state)
+        if clients and cfg.federation.personal_tokens:
+            module.load_personal(private_store(rec, partition).load_before(10**9))
+        with torch.no_grad():
+            prompt, tokens = module.full_prompt(), module.item_tokens(items)
+        reranker = VerbalizerReranker(backend, builder, fusion_weight=1.0, soft_prompt=prompt, item_tokens=lambda ids, t=tokens: t[list(ids)])
+        requests = [RerankRequest(rec.profile(int(u), split), tuple(histories[u].tolist()), tuple(found[int(u)])) for u in members]
+        for u, result in zip(members.tolist(), reranker.rerank_batch(requests), strict=True):
+            ranked[u] = [x.item for x in result]
+    order = np.array(sorted(ranked), dtype=np.int64)
+    greater, ties = list_counts([ranked[u] for u in order.tolist()], rec.split.targets(split)[order])
+    per_user = metrics_from_counts(greater, ties, cfg.eval.ks, max_rank=rec.dataset.n_items)
+    out: dict[str, Any] = {k: float(v.mean()) for k, v in per_user.items()}
+    if clients:
+        position = {u: i for i, u in enumerate(order.tolist())}
+        out["by_client"] = [{"client": p, "users": len(g), **{k: float(v[[position[u] for u in g.tolist()]].mean()) for k, v in per_user.items()}}
+                            for p, g in groups]
+    return out
 
 
 def train(rec: Recommender, *, resume: bool = False, progress: bool = False, grid: Any = None) -> dict[str, Any]:
@@ -175,7 +207,7 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
         "state_bytes": int(sum(v.nbytes for v in server.state.values())),
     }
     if cfg.soft_prompt:
-        results["test_rerank"] = evaluate_rerank_state(rec, server.state, "test", eval_users)
+        results["test_rerank"] = evaluate_rerank_state(rec, server.state, "test", eval_users, clients)
     if server.accountant is not None:
         results["epsilon"] = server.accountant.epsilon(cfg.dp_delta)
     write_json(folder / "results.json", results)

@@ -41,7 +41,7 @@ def make_secagg_client_app(load: ClientLoader, cfg: FederationConfig) -> ClientA
             keys = sorted(str(k) for k in str(config["keys"]).split(","))
             state = dict(zip(keys, parameters, strict=True))
             round_ = int(config["round"])
-            delta, examples, metrics = local_train(state, load(self.partition), cfg, seed=round_ * 100_003 + self.partition)
+            delta, examples, metrics = local_train(state, load(self.partition), cfg, seed=round_ * 100_003 + self.partition, round_=round_)
             return [delta[k].astype(np.float64) for k in keys], examples, {"loss": float(metrics["loss"])}
 
     def client_fn(context: Context):  # noqa: ANN202 - flwr.client.Client

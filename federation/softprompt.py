@@ -31,9 +31,12 @@ class SoftPrompt(nn.Module):
         hidden: the LLM's hidden size.
         item_dim: width of the item vectors the projector reads.
         init: `(n_tokens, hidden)` starting embeddings (e.g. of a text prompt); small noise otherwise.
+        personal: personal virtual tokens put before the shared ones. They are trained with the rest but
+            are not in `state_arrays` (what travels): `personal_arrays` / `load_personal` keep them on the client.
     """
 
-    def __init__(self, n_tokens: int, hidden: int, item_dim: int, *, init: torch.Tensor | None = None, seed: int = 0) -> None:
+    def __init__(self, n_tokens: int, hidden: int, item_dim: int, *, init: torch.Tensor | None = None, seed: int = 0,
+                 personal: int = 0) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         start = init.float().clone() if init is not None else torch.randn(n_tokens, hidden, generator=generator) * 0.02
@@ -42,18 +45,41 @@ class SoftPrompt(nn.Module):
         with torch.no_grad():
             self.projector.weight.normal_(0, 0.02, generator=generator)
             self.projector.bias.zero_()
+        self.personal = nn.Parameter(torch.randn(personal, hidden, generator=generator) * 0.02) if personal else None
+
+    def full_prompt(self) -> torch.Tensor:
+        """`(personal + m, hidden)`: the personal tokens (if any), then the shared soft prompt."""
+        return self.prompt if self.personal is None else torch.cat([self.personal, self.prompt])
 
     def item_tokens(self, vectors: torch.Tensor) -> torch.Tensor:
         """`(n, hidden)` item tokens from `(n, item_dim)` item vectors."""
         return self.projector(vectors.float())
 
+    def _shared(self) -> dict[str, nn.Parameter]:
+        return {k: v for k, v in self.named_parameters() if k != "personal"}
+
     def state_arrays(self) -> dict[str, np.ndarray]:
-        return {f"soft/{k}": v.detach().cpu().numpy().astype(np.float32).copy() for k, v in self.named_parameters()}
+        """The shared arrays (what a client sends); personal tokens are never among them."""
+        return {f"soft/{k}": v.detach().cpu().numpy().astype(np.float32).copy() for k, v in self._shared().items()}
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         with torch.no_grad():
-            for k, p in self.named_parameters():
+            for k, p in self._shared().items():
                 p.copy_(torch.as_tensor(arrays[f"soft/{k}"]))
+
+    def personal_arrays(self) -> dict[str, np.ndarray]:
+        """The client-only personal tokens (empty without them)."""
+        return {} if self.personal is None else {"personal/tokens": self.personal.detach().cpu().numpy().astype(np.float32).copy()}
+
+    def load_personal(self, arrays: dict[str, np.ndarray]) -> None:
+        if self.personal is None or "personal/tokens" not in arrays:
+            return
+        tokens = np.asarray(arrays["personal/tokens"])
+        if tokens.shape != tuple(self.personal.shape):
+            raise ValueError(f"saved personal tokens have shape {tokens.shape}, expected {tuple(self.personal.shape)} "
+                             "(federation.personal_tokens changed?)")
+        with torch.no_grad():
+            self.personal.copy_(torch.as_tensor(tokens))
 
 
 @dataclass(frozen=True)
@@ -99,7 +125,7 @@ def train_soft_prompt(
         losses = []
         for batch in torch.randperm(len(examples), generator=generator).split(batch_size):
             tokens = [module.item_tokens(item_vectors[list(examples[i].items)]) for i in batch.tolist()]
-            hidden = backend.last_hidden([encoded[i] for i in batch.tolist()], module.prompt, tokens)
+            hidden = backend.last_hidden([encoded[i] for i in batch.tolist()], module.full_prompt(), tokens)
             logits = backend.label_logits(hidden, label_ids)
             target = torch.tensor([examples[i].target for i in batch.tolist()])
             loss = nn.functional.cross_entropy(logits, target)
@@ -116,5 +142,5 @@ def accuracy(module: SoftPrompt, backend: TransformersBackend, examples: Sequenc
     """HR@1: how often the target's label scores highest."""
     with torch.no_grad():
         tokens = [module.item_tokens(item_vectors[list(e.items)]) for e in examples]
-        scores = backend.score_labels([e.messages for e in examples], labels, soft_prompt=module.prompt.detach(), item_tokens=tokens)
+        scores = backend.score_labels([e.messages for e in examples], labels, soft_prompt=module.full_prompt().detach(), item_tokens=tokens)
     return float(np.mean(scores.argmax(axis=1) == np.array([e.target for e in examples])))

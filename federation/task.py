@@ -7,7 +7,9 @@ arrays. `server_round` validates, optionally clips and noises, aggregates and ap
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,6 +62,36 @@ class LLMTask:
     n_candidates: int = 20
 
 
+@dataclass(frozen=True)
+class PrivateStore:
+    """Arrays that never leave the client (personal tokens), one file per round in a client-side folder.
+
+    A round reads the newest file written before it, so a round repeated after a crash (resume)
+    starts from exactly the state the first attempt saw.
+    """
+
+    folder: Path
+
+    def _files(self) -> dict[int, Path]:
+        found = (re.fullmatch(r"personal-r(\d+)\.npz", p.name) for p in self.folder.glob("personal-r*.npz"))
+        return {int(m.group(1)): self.folder / m.group(0) for m in found if m}
+
+    def load_before(self, round_: int) -> State:
+        earlier = [r for r in self._files() if r < round_]
+        if not earlier:
+            return {}
+        with np.load(self._files()[max(earlier)]) as saved:
+            return {k: saved[k] for k in saved.files}
+
+    def save(self, round_: int, arrays: State) -> None:
+        from pipeline.io import atomic_path
+
+        with atomic_path(self.folder / f"personal-r{round_:05d}.npz") as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+        for old in [r for r in self._files() if r < round_ - 1]:  # keep the one a repeated round needs
+            self._files()[old].unlink(missing_ok=True)
+
+
 @dataclass
 class ClientData:
     """One client's private data."""
@@ -68,10 +100,16 @@ class ClientData:
     histories: list[np.ndarray]
     """Training histories of the client's users."""
     llm: LLMTask | None = None
+    private: PrivateStore | None = None
+    """Where this client keeps its personal tokens (needed with federation.personal_tokens > 0)."""
 
 
-def local_train(global_state: State, data: ClientData, cfg: FederationConfig, *, seed: int) -> tuple[State, int, dict[str, float]]:
+def local_train(global_state: State, data: ClientData, cfg: FederationConfig, *, seed: int, round_: int = 1,
+                ) -> tuple[State, int, dict[str, float]]:
     """Train the tower (and, with `cfg.soft_prompt`, the soft prompt) on one client's data.
+
+    With `cfg.personal_tokens`, personal tokens are trained too and saved in `data.private` for
+    `round_`; they are not part of the returned delta.
 
     Returns:
         (delta of the shared arrays, number of training windows, metrics).
@@ -83,12 +121,12 @@ def local_train(global_state: State, data: ClientData, cfg: FederationConfig, *,
     if cfg.soft_prompt:
         if data.llm is None:
             raise ValueError("federation.soft_prompt is on but this client has no LLM task")
-        local.update(_train_soft_prompt(global_state, tower, data, cfg, seed=seed, metrics=metrics))
+        local.update(_train_soft_prompt(global_state, tower, data, cfg, seed=seed, round_=round_, metrics=metrics))
     return subtract(local, global_state), int(metrics["examples"]), metrics
 
 
 def _train_soft_prompt(global_state: State, tower: RetrievalTower, data: ClientData, cfg: FederationConfig, *, seed: int,
-                       metrics: dict[str, float]) -> State:
+                       round_: int, metrics: dict[str, float]) -> State:
     """One epoch over the client's users: history minus its last item → candidates from the local tower → target."""
     from federation.softprompt import SoftPrompt, make_examples, train_soft_prompt
     from pipeline.rerank import RerankRequest
@@ -97,16 +135,25 @@ def _train_soft_prompt(global_state: State, tower: RetrievalTower, data: ClientD
     assert llm is not None
     n = llm.n_candidates
     usable = [i for i, h in enumerate(data.histories) if len(h) >= 2]
+    if cfg.soft_prompt_users is not None and len(usable) > cfg.soft_prompt_users:
+        usable = sorted(np.random.default_rng(seed).choice(usable, cfg.soft_prompt_users, replace=False).tolist())
     items, candidates = tower.top_candidates([data.histories[i][:-1] for i in usable], n)
     requests = [RerankRequest(llm.profiles[i], tuple(data.histories[i][:-1].tolist()), tuple(found))
                 for i, found in zip(usable, candidates, strict=True)]
     targets = [int(data.histories[i][-1]) for i in usable]
-    module = SoftPrompt(cfg.soft_prompt_tokens, llm.backend.hidden_size, cfg.tower_dim, seed=cfg.seed)
+    module = SoftPrompt(cfg.soft_prompt_tokens, llm.backend.hidden_size, cfg.tower_dim, seed=cfg.seed, personal=cfg.personal_tokens)
     module.load_arrays(global_state)
+    if cfg.personal_tokens:
+        if data.private is None:
+            raise ValueError("federation.personal_tokens > 0 but this client has no private folder for them")
+        module.load_personal(data.private.load_before(round_))
     examples = make_examples(llm.builder, requests, targets, seed=seed)
     stats = train_soft_prompt(module, llm.backend, examples, items.detach(), llm.builder.labels(n), epochs=1,
                               batch_size=cfg.soft_prompt_batch_size, lr=cfg.soft_prompt_lr, seed=seed)
     metrics["soft_prompt_loss"] = stats["loss"]
+    if cfg.personal_tokens:
+        assert data.private is not None
+        data.private.save(round_, module.personal_arrays())
     return module.state_arrays()
 
 

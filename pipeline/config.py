@@ -229,6 +229,10 @@ class FederationConfig(_Section):
     """Client learning rate for the soft prompt and projector."""
     soft_prompt_batch_size: int = Field(default=8, ge=1)
     """Prompts per soft-prompt training step."""
+    soft_prompt_users: int | None = Field(default=None, ge=1)
+    """At most this many of a client's users train the soft prompt per round, drawn afresh each round (None = all)."""
+    personal_tokens: int = Field(default=0, ge=0)
+    """Personal virtual tokens per client, put before the soft prompt, trained locally and never sent (0 = none)."""
     secagg: bool = False
     """Aggregate with SecAgg+ (the server sees only the weighted mean; no per-update validation, robust rules or central DP)."""
     secagg_num_shares: int = Field(default=3, ge=2)
@@ -252,6 +256,8 @@ class FederationConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
+        if self.personal_tokens and not self.soft_prompt:
+            raise ValueError("federation.personal_tokens > 0 needs federation.soft_prompt=true (they are extra soft-prompt tokens)")
         if self.dp_noise_multiplier > 0 and self.dp_clip is None:
             raise ValueError("federation.dp_noise_multiplier > 0 needs federation.dp_clip (the per-client L2 bound)")
         if self.secagg and (self.dp_clip is not None or self.aggregator != "fedavg" or self.max_update_norm is not None

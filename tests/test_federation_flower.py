@@ -70,11 +70,11 @@ def test_failing_and_invalid_clients_do_not_stop_the_round(tmp_path: Path, monke
 
     real = apps.local_train
 
-    def flaky(state, data, cfg, *, seed):
+    def flaky(state, data, cfg, *, seed, round_):
         partition = seed % 100_003
         if partition == 1:
             raise RuntimeError("client 1 lost power")
-        delta, n, metrics = real(state, data, cfg, seed=seed)
+        delta, n, metrics = real(state, data, cfg, seed=seed, round_=round_)
         if partition == 2:
             key = next(iter(delta))
             delta[key] = np.full_like(delta[key], np.nan)
@@ -185,3 +185,32 @@ def test_soft_prompt_and_projector_travel_with_the_tower(tmp_path: Path, tiny_ll
     assert results["history"][0]["accepted"] == 4
     assert results["history"][0]["bytes_up"] == 4 * results["state_bytes"]
     assert set(results["test_rerank"]) >= {"R@5", "N@10", "MRR"}
+
+
+def test_personal_tokens_stay_on_the_client(tmp_path: Path, tiny_llama: Path) -> None:
+    """Personal tokens are trained next to the shared soft prompt, saved in each client's own folder, never uploaded,
+    and used when that client's users are reranked; a repeated round starts from the same personal state."""
+    from federation.checkpoint import load
+    from federation.runner import private_store, run_dir, train
+
+    rec = _recommender(tmp_path, "federation.soft_prompt=true", "federation.soft_prompt_tokens=2", "federation.personal_tokens=3",
+                       f"llm.model={tiny_llama}", "llm.dtype=float32", "retrieval.num_candidates=6", "eval.max_users=12",
+                       "rerank.max_history_titles=3", "profile.max_tokens=48")
+    results = train(rec)
+    state = load(run_dir(rec) / "checkpoint.npz").state
+    assert not any("personal" in k for k in state)
+    assert all(h["bytes_up"] == 4 * results["state_bytes"] for h in results["history"])
+    saved = [private_store(rec, p).load_before(3)["personal/tokens"] for p in range(4)]
+    assert all(t.shape == (3, rec.backend.hidden_size) for t in saved)
+    assert not np.allclose(saved[0], saved[1])
+    assert sorted(p.name for p in private_store(rec, 0).folder.iterdir()) == ["personal-r00001.npz", "personal-r00002.npz"]
+    np.testing.assert_array_equal(private_store(rec, 0).load_before(2)["personal/tokens"],
+                                  np.load(private_store(rec, 0).folder / "personal-r00001.npz")["personal/tokens"])
+    by_client = results["test_rerank"]["by_client"]
+    assert len(by_client) >= 2 and {c["client"] for c in by_client} <= {0, 1, 2, 3} and sum(c["users"] for c in by_client) == 12
+    assert all(0.0 <= c["N@10"] <= 1.0 for c in by_client)
+
+
+def test_personal_tokens_need_the_soft_prompt(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match=r"personal_tokens > 0 needs federation.soft_prompt=true"):
+        load_config(TINY, ["federation.personal_tokens=2"])
