@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.llm.base import ITEM_SLOT, LLMError
 from pipeline.llm.openai_backend import OpenAIBackend
 from pipeline.llm.transformers_backend import TransformersBackend
 
@@ -65,6 +67,49 @@ def test_soft_prompt_changes_scores_identically_on_both_backends(local: Transfor
     b = served.score_labels(_messages(3), LABELS, soft_prompt=soft)
     assert np.abs(b - plain).max() > 1e-2
     assert np.abs(a - b).max() <= 1e-3
+
+
+def _with_item_slots(messages: list[dict[str, str]], n: int, *, own_line: bool) -> list[dict[str, str]]:
+    """The user message with an item-token slot after each of the first `n` candidate titles (rerank.v2 / v3 layouts)."""
+    def mark(text: str) -> str:
+        for i in range(n):
+            text = text.replace(f"film {i} ", f"film {i}\n{ITEM_SLOT}\n" if own_line else f"film {i}{ITEM_SLOT} ", 1)
+        return text
+
+    return [dict(m, content=mark(m["content"])) if m["role"] == "user" else m for m in messages]
+
+
+def test_item_tokens_through_both_transports(local: TransformersBackend, served: OpenAIBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Measured: item tokens score like in-process as full-prompt embeddings on /completions with any layout, and as
+    chat `prompt_embeds` parts when each slot is on its own line (vLLM joins parts with newlines); the chat request
+    carries only the item rows. A title-adjacent slot over chat is refused rather than silently scored differently."""
+    table = served.embedding_table
+    tokens = [table[torch.tensor([100 + 7 * k, 210 + k, 320, 330 - k])] for k in range(3)]
+    soft = torch.randn(2, local.hidden_size, generator=torch.Generator().manual_seed(2))
+    sizes: dict[str, list[int]] = {"chat": [], "completions": []}
+    real = served._request
+
+    def measured(method: str, path: str, body: dict | None = None) -> dict:
+        if body is not None:
+            sizes["chat" if path == "/chat/completions" else "completions"].append(len(json.dumps(body)))
+        return real(method, path, body)
+
+    monkeypatch.setattr(served, "_request", measured)
+    for own_line in (False, True):
+        messages = [_with_item_slots(m, 4, own_line=own_line) for m in _messages(3)]
+        reference = local.score_labels(messages, LABELS, soft_prompt=soft, item_tokens=tokens)
+        served.soft_prompt_transport = "completions"
+        assert np.abs(served.score_labels(messages, LABELS, soft_prompt=soft, item_tokens=tokens) - reference).max() <= 1e-3
+        served.soft_prompt_transport = "chat"
+        if not own_line:
+            with pytest.raises(LLMError, match=r"own line.*rerank.v3.*soft_prompt_transport=completions"):
+                served.score_labels(messages, LABELS, soft_prompt=soft, item_tokens=tokens)
+            continue
+        assert np.abs(served.score_labels(messages, LABELS, soft_prompt=soft, item_tokens=tokens) - reference).max() <= 1e-3
+        assert np.abs(served.score_labels(messages, LABELS, item_tokens=tokens) - local.score_labels(messages, LABELS, item_tokens=tokens)).max() <= 1e-3
+    assert max(sizes["chat"]) * 5 < min(sizes["completions"])
+    with pytest.raises(LLMError, match=r"more item slots than the 3 item tokens"):
+        served.score_labels(messages[:1], LABELS, item_tokens=[tokens[0][:3]])
 
 
 def test_generation_through_the_server(served: OpenAIBackend) -> None:

@@ -8,6 +8,11 @@ a chat content part `{"type": "prompt_embeds", "data": base64(torch.save(tensor)
 user's text (`soft_prompt_transport="chat"`, the default), or as a full-prompt embedding tensor
 on the Completions API, computed here from the model's own input embedding table
 (`"completions"`). Both give the server exactly the sequence the in-process backend scores.
+
+Item tokens travel either way too. As chat parts, vLLM joins every content part with a newline,
+so a chat request reproduces the in-process prompt only when each item slot sits on its own line
+(`rerank.v3`); such a request carries the item rows only (KBs) where /completions carries the
+whole prompt's embeddings (MBs). Measured in tests/test_vllm.py.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.llm.base import (
+    ITEM_SLOT,
     LLMBackend,
     LLMError,
     Messages,
@@ -160,11 +166,10 @@ class OpenAIBackend(LLMBackend):
             "model": self.served_model, "max_tokens": 1, "temperature": 1.0, "allowed_token_ids": label_ids,
             "return_tokens_as_token_ids": True,
         }
-        if item_tokens is not None and self.soft_prompt_transport == "chat":
-            raise LLMError("item tokens travel as full-prompt embeddings; set llm.soft_prompt_transport=completions")
-        if item_tokens is None and (soft_prompt is None or self.soft_prompt_transport == "chat"):
-            if soft_prompt is not None:
-                messages = self._with_soft_prompt_part(messages, soft_prompt)
+        plain = soft_prompt is None and item_tokens is None
+        if plain or self.soft_prompt_transport == "chat":
+            if not plain:
+                messages = self._with_embedding_parts(messages, soft_prompt, item_tokens)
             body = {**common, "messages": list(messages), "logprobs": True, "top_logprobs": len(label_ids)}
             reply = self._request("POST", "/chat/completions", body)
             top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
@@ -184,12 +189,33 @@ class OpenAIBackend(LLMBackend):
         return self._parse(entries, label_ids)
 
     @staticmethod
-    def _with_soft_prompt_part(messages: Messages, soft_prompt: torch.Tensor) -> list[dict[str, Any]]:
-        """The first user message as `[prompt_embeds, text]` content parts (vLLM joins them with a newline)."""
+    def _with_embedding_parts(messages: Messages, soft_prompt: torch.Tensor | None, item_tokens: torch.Tensor | None) -> list[dict[str, Any]]:
+        """Messages as chat content parts: the soft prompt ahead of the first user message's text, and one part per
+        item slot in place of it. vLLM joins parts with a newline, so each slot must stand on its own line (whose
+        newlines the join puts back); otherwise the server would score a different prompt, and this raises."""
         out: list[dict[str, Any]] = [dict(m) for m in messages]
         first_user = next(i for i, m in enumerate(out) if m["role"] == "user")
-        text = out[first_user]["content"]
-        out[first_user]["content"] = [{"type": "prompt_embeds", "data": encode_tensor(soft_prompt.float())}, {"type": "text", "text": text}]
+        rows = iter(item_tokens.float() if item_tokens is not None else ())
+        for i, message in enumerate(out):
+            texts = message["content"].split(ITEM_SLOT)
+            if len(texts) == 1 and not (i == first_user and soft_prompt is not None):
+                continue
+            parts: list[dict[str, Any]] = [{"type": "prompt_embeds", "data": encode_tensor(soft_prompt.float())}] if i == first_user and soft_prompt is not None else []
+            for k, text in enumerate(texts):
+                if k > 0:
+                    if not (texts[k - 1].endswith("\n") and text.startswith("\n")):
+                        raise LLMError("item tokens as chat content parts need each item slot on its own line (vLLM joins parts with "
+                                       "newlines): use rerank.v3, or set llm.soft_prompt_transport=completions")
+                    row = next(rows, None)
+                    if row is None:
+                        raise LLMError(f"the prompt has more item slots than the {len(item_tokens) if item_tokens is not None else 0} item tokens given")
+                    parts.append({"type": "prompt_embeds", "data": encode_tensor(row[None])})
+                start = 1 if k > 0 else 0
+                end = len(text) - 1 if k < len(texts) - 1 else len(text)
+                parts.append({"type": "text", "text": text[start:end]})
+            message["content"] = parts
+        if next(rows, None) is not None:
+            raise LLMError("more item tokens were given than the prompt has item slots")
         return out
 
     def score_labels(
