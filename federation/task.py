@@ -25,6 +25,7 @@ from federation.core import (
     add,
     clip,
     gaussian_noise,
+    l2_norm,
     subtract,
     validate_update,
 )
@@ -206,6 +207,8 @@ def server_round(server: ServerState, results: list[ClientResult], cfg: Federati
         else:
             accepted.append(result)
     report: dict[str, Any] = {"round": server.round, "asked": expected, "received": len(results), "accepted": len(accepted), "rejected": rejected}
+    if accepted:
+        report["update_norm_median"] = float(np.median([l2_norm(r.delta) for r in accepted]))
     if len(accepted) < cfg.min_clients:
         log.warning("round %d: %d valid updates, fewer than federation.min_clients=%d; global state kept", server.round, len(accepted), cfg.min_clients)
         report["applied"] = False

@@ -45,7 +45,7 @@ def test_federated_training_in_process_learns_and_accounts_bytes(tmp_path: Path)
     results = train(rec)
     assert results["rounds"] == 2 and len(results["history"]) == 2
     first, last = results["history"]
-    assert first["accepted"] == 4 and first["rejected"] == [] and first["applied"]
+    assert first["accepted"] == 4 and first["rejected"] == [] and first["applied"] and first["update_norm_median"] > 0
     assert last["train_loss"] < first["train_loss"]
     state_bytes = results["state_bytes"]
     assert first["bytes_down"] == 4 * state_bytes and first["bytes_up"] == 4 * state_bytes
