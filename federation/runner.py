@@ -14,6 +14,7 @@ import numpy as np
 from federation import checkpoint
 from federation.core import Payload, State
 from federation.task import ClientData, LLMTask, PrivateStore, ServerState, new_server, tower_config
+from pipeline.config import FederationConfig
 from pipeline.data import partition_users
 from pipeline.errors import FedrecError
 from pipeline.evaluate import FunctionScorer, evaluate_scorer
@@ -22,6 +23,7 @@ from retrieval.tower import RetrievalTower
 
 if TYPE_CHECKING:
     from pipeline.recommender import Recommender
+    from pipeline.rerank import VerbalizerReranker
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,29 @@ def private_store(rec: Recommender, partition: int) -> PrivateStore:
     return PrivateStore(run_dir(rec) / "clients" / f"{partition:05d}")
 
 
+def trained_reranker(rec: Recommender, state: State, fed: FederationConfig, *, fusion_weight: float = 1.0,
+                     personal: State | None = None) -> VerbalizerReranker:
+    """A verbalizer reranker with a run's trained soft prompt and item tokens (`rerank.v2` prompts; the
+    projector reads the run's tower item embeddings), for any candidates. `personal`: a client's personal tokens."""
+    import torch
+
+    from federation.softprompt import SoftPrompt
+    from pipeline.rerank import PromptBuilder, VerbalizerReranker
+
+    backend = _llm(rec)
+    tower = RetrievalTower(rec.item_vectors, tower_config(fed))
+    tower.load_arrays(state)
+    tower.eval()
+    module = SoftPrompt(fed.soft_prompt_tokens, backend.hidden_size, fed.tower_dim, personal=fed.personal_tokens if personal else 0)
+    module.load_arrays(state)
+    if personal:
+        module.load_personal(personal)
+    with torch.no_grad():
+        prompt, tokens = module.full_prompt(), module.item_tokens(tower.item_embeddings())
+    builder = PromptBuilder(backend, rec.dataset.catalog, rec.cfg.rerank.model_copy(update={"template": "rerank.v2"}), item_tokens=True)
+    return VerbalizerReranker(backend, builder, fusion_weight=fusion_weight, soft_prompt=prompt, item_tokens=lambda ids: tokens[list(ids)])
+
+
 def evaluate_rerank_state(rec: Recommender, state: State, split: str, users: np.ndarray,
                           clients: list[np.ndarray] | None = None) -> dict[str, Any]:
     """Tower top-N candidates reranked with the trained soft prompt and item tokens (misses count as 0).
@@ -102,33 +127,22 @@ def evaluate_rerank_state(rec: Recommender, state: State, split: str, users: np.
     tokens (read from its private folder: per-client evaluation runs where the client's data is).
     With `clients`, the result also has `by_client`: each client's mean metrics over its users.
     """
-    import torch
-
-    from federation.softprompt import SoftPrompt
     from pipeline.evaluate import list_counts, metrics_from_counts
-    from pipeline.rerank import PromptBuilder, RerankRequest, VerbalizerReranker
+    from pipeline.rerank import RerankRequest
 
     cfg = rec.cfg
-    backend = _llm(rec)
     tower = RetrievalTower(rec.item_vectors, tower_config(cfg.federation))
     tower.load_arrays(state)
     histories = rec.split.histories(split)
-    items, candidates = tower.top_candidates([histories[u] for u in users], cfg.retrieval.num_candidates)
+    _, candidates = tower.top_candidates([histories[u] for u in users], cfg.retrieval.num_candidates)
     found = dict(zip(users.tolist(), candidates, strict=True))
-    builder = PromptBuilder(backend, rec.dataset.catalog, cfg.rerank.model_copy(update={"template": "rerank.v2"}), item_tokens=True)
     wanted = set(users.tolist())
     groups = [(i, np.array([u for u in c if u in wanted], dtype=np.int64)) for i, c in enumerate(clients or [users])]
     groups = [(i, g) for i, g in groups if len(g)]
     ranked: dict[int, list[int]] = {}
     for partition, members in groups:
-        module = SoftPrompt(cfg.federation.soft_prompt_tokens, backend.hidden_size, cfg.federation.tower_dim,
-                            personal=cfg.federation.personal_tokens if clients else 0)
-        module.load_arrays(state)
-        if clients and cfg.federation.personal_tokens:
-            module.load_personal(private_store(rec, partition).load_before(10**9))
-        with torch.no_grad():
-            prompt, tokens = module.full_prompt(), module.item_tokens(items)
-        reranker = VerbalizerReranker(backend, builder, fusion_weight=1.0, soft_prompt=prompt, item_tokens=lambda ids, t=tokens: t[list(ids)])
+        personal = private_store(rec, partition).load_before(10**9) if clients and cfg.federation.personal_tokens else None
+        reranker = trained_reranker(rec, state, cfg.federation, personal=personal)
         requests = [RerankRequest(rec.profile(int(u), split), tuple(histories[u].tolist()), tuple(found[int(u)])) for u in members]
         for u, result in zip(members.tolist(), reranker.rerank_batch(requests), strict=True):
             ranked[u] = [x.item for x in result]

@@ -95,10 +95,13 @@ class RetrievalTower(nn.Module):
         return self._sequence_states(self.pad_histories(histories))[:, -1]
 
     def top_candidates(self, histories: Sequence[Sequence[int]], n: int) -> tuple[torch.Tensor, list[list[Candidate]]]:
-        """Item embeddings `(n_items, dim)` and, per history, its `n` best-scoring unseen items (no gradient)."""
+        """Item embeddings `(n_items, dim)` and, per history, its `n` best-scoring unseen items (no gradient, no dropout)."""
+        training = self.training
+        self.eval()
         with torch.no_grad():
             items = self.item_embeddings()
             scores = self.query(histories) @ items.T
+        self.train(training)
         out = []
         for row, history in enumerate(histories):
             ranked = scores[row].clone()

@@ -112,3 +112,18 @@ def test_payload_counts_bytes_by_direction_and_name() -> None:
     assert payload.record(1, 0, "down", state) == 4 * 8 * 4 + 10 * 3 * 4
     payload.record(1, 0, "up", {"soft_prompt": state["soft_prompt"]})
     assert payload.totals() == {"down": 248, "up": 128}
+
+
+def test_tower_candidates_are_deterministic_and_exclude_the_history() -> None:
+    """Candidate retrieval runs without dropout even on a tower left in training mode, and never returns seen items."""
+    from retrieval.tower import RetrievalTower, TowerConfig, train_tower
+
+    rng = np.random.default_rng(0)
+    tower = RetrievalTower(rng.normal(size=(40, 12)).astype(np.float32), TowerConfig(dim=8, max_len=6, layers=1, dropout=0.5))
+    histories = [rng.choice(40, size=8, replace=False) for _ in range(6)]
+    train_tower(tower, histories, epochs=1)
+    tower.train()
+    _, first = tower.top_candidates(histories, 5)
+    _, second = tower.top_candidates(histories, 5)
+    assert first == second and tower.training
+    assert all(not {c.item for c in found} & set(h.tolist()) for found, h in zip(first, histories, strict=True))
