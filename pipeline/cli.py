@@ -312,6 +312,33 @@ def demo(
     _run_evaluation(cfg, "retrieval", None)
 
 
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1 keeps the page local; 0.0.0.0 exposes it).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    run: Annotated[Path | None, typer.Option(help="A `fedrec train` output folder whose soft prompt and curves to show (default: newest).")] = None,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds one request may wait for the LLM before a 503.")] = 120.0,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests admitted at once; more get a 503 'busy'.")] = 32,
+) -> None:
+    """The demo page and JSON API (OpenAPI schema at /docs): search, profile, candidates, LLM ranking, explanation."""
+    try:
+        from pipeline.serve import serve as start
+    except ImportError as exc:
+        raise ImportError(f"fedrec serve needs the serve extra: pip install -e '.[serve]' ({exc})") from None
+    if run is not None and not (run / "results.json").is_file():
+        raise FedrecError(f"--run {run}: no results.json there; pass a folder written by `fedrec train` (under output_dir)")
+    cfg = _config(config, overrides)
+    rec = _recommender(cfg)
+    with console.status("building the item index"):
+        rec.index  # noqa: B018
+    with console.status(f"loading the LLM ({cfg.llm.model})"):
+        rec.backend  # noqa: B018
+    console.print(f"fedrec demo on [bold]http://{host}:{port}/[/bold] ({rec.dataset.name}, {rec.backend.describe()}); Ctrl+C stops it")
+    start(rec, host=host, port=port, run=run, timeout_s=timeout, max_queue=max_queue)
+
+
 def main() -> None:
     """Entry point: user-facing errors print one clear message instead of a traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

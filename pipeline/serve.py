@@ -1,0 +1,394 @@
+"""`fedrec serve`: a JSON API and a page over the whole pipeline (profile → retrieval → LLM rerank → explanation).
+
+Needs the `serve` extra (FastAPI, uvicorn). The HTTP layer only translates: `Demo` holds the recommender and the optional trained run and
+answers in plain dicts; `create_app` maps them to FastAPI routes with pydantic models. Work that
+touches the model runs on a small thread pool behind a bounded queue, with a timeout, so a slow
+or failing LLM gives a 503 with its reason instead of a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import DataError
+from pipeline.llm.base import LLMError
+from pipeline.recommender import Recommender
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+MAX_HISTORY = 500
+"""Longest ad-hoc history a request may send."""
+
+
+class HistoryItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: int | str = Field(description="Item id as in the dataset (e.g. a MovieLens movieId).")
+    rating: float | None = Field(default=None, ge=0, le=10, description="Optional rating on the dataset's scale.")
+
+
+class RecommendRequest(BaseModel):
+    """Either `user_id` (an existing user: their history before the test item) or `history` (ad hoc)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: int | str | None = Field(default=None, description="An existing user id of the dataset.")
+    history: list[HistoryItem] | None = Field(default=None, max_length=MAX_HISTORY, description="Liked items, oldest first.")
+    k: int = Field(default=10, ge=1, le=50, description="How many items to return.")
+    soft_prompt: bool = Field(default=False, description="Rerank with the trained soft prompt and item tokens of the loaded run.")
+    fusion_weight: float | None = Field(default=None, ge=0, le=1, description="LLM weight in the fused score (None: configured/tuned).")
+    explain: bool = Field(default=True, description="Generate a short explanation of the top picks.")
+
+
+class Item(BaseModel):
+    item_id: int | str
+    title: str
+
+
+class Candidate(Item):
+    retrieval_rank: int
+    retrieval_score: float
+
+
+class Ranked(Item):
+    rank: int
+    retrieval_rank: int
+    llm_probability: float = Field(description="The LLM's probability of this candidate's label (0 when not reranked).")
+    score: float
+    moved: int = Field(description="Places gained (+) or lost (-) against the retrieval order.")
+
+
+class RecommendResponse(BaseModel):
+    profile: str
+    history: list[Item]
+    candidates: list[Candidate]
+    ranked: list[Ranked]
+    explanation: str | None
+    soft_prompt: bool
+    fusion_weight: float
+    timings_ms: dict[str, float]
+
+
+class Status(BaseModel):
+    dataset: str
+    users: int
+    items: int
+    index_size: int
+    model: str
+    backend: str
+    soft_prompt: dict[str, Any]
+    queue: dict[str, int]
+
+
+class Busy(Exception):
+    """The work queue is full (503)."""
+
+
+class NotFound(Exception):
+    """The request names something that does not exist (404)."""
+
+
+class BadInput(ValueError):
+    """The request is well-formed but cannot be served as it is (422)."""
+
+
+class Unavailable(Exception):
+    """The request asks for something this server has not loaded (409)."""
+
+
+class Demo:
+    """What the app serves: one recommender and, optionally, a federated training run (its soft prompt and curves).
+
+    Args:
+        rec: the recommender (dataset, index, LLM backend).
+        run: a `fedrec train` output folder (checkpoint.npz + results.json); None = the newest one for this dataset, if any.
+        timeout_s: longest wait for one request's model work.
+        max_queue: requests admitted at once (running + waiting); more get 503.
+    """
+
+    def __init__(self, rec: Recommender, run: Path | None = None, *, timeout_s: float = 120.0, max_queue: int = 32) -> None:
+        self.rec = rec
+        self.timeout_s = timeout_s
+        self.max_queue = max_queue
+        self._admitted = 0
+        self._count_lock = threading.Lock()
+        self._retrieval_lock = threading.Lock()  # embedder, tokenizer and FAISS calls: one at a time
+        in_process = rec.cfg.llm.backend == "transformers"
+        self._llm_lock = threading.Lock() if in_process else None  # torch modules are not shared across threads
+        self.pool = ThreadPoolExecutor(max_workers=1 if in_process else max(1, rec.cfg.llm.concurrency), thread_name_prefix="fedrec-serve")
+        self.run = run if run is not None else self._newest_run()
+        self._trained: Any = None
+        self._trained_reason: str | None = None
+        self._zero_shot_reranker: Any = None
+        self._load_lock = threading.Lock()
+
+    # --- setup -------------------------------------------------------------------------------------
+    def _newest_run(self) -> Path | None:
+        root = self.rec.cfg.output_dir
+        runs = sorted(root.glob(f"train-{self.rec.dataset.name}-*/results.json"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+        return runs[-1].parent if runs else None
+
+    def run_results(self) -> dict[str, Any] | None:
+        if self.run is None or not (self.run / "results.json").is_file():
+            return None
+        return json.loads((self.run / "results.json").read_text(encoding="utf-8"))
+
+    def trained(self):  # noqa: ANN201 - (reranker factory, round) or None
+        """The run's soft prompt as a reranker factory, loaded once; None with `_trained_reason` when unavailable."""
+        with self._load_lock:
+            if self._trained is None and self._trained_reason is None:
+                self._load_trained()
+            return self._trained
+
+    def _load_trained(self) -> None:
+        from federation import checkpoint
+        from federation.runner import trained_reranker
+        from pipeline.config import FederationConfig
+
+        results = self.run_results()
+        if results is None:
+            self._trained_reason = "no federated run found (train one with `fedrec train --set federation.soft_prompt=true`)"
+            return
+        fed = FederationConfig.model_validate(results["federation"])
+        if not fed.soft_prompt:
+            self._trained_reason = f"the run in {self.run} trained no soft prompt (federation.soft_prompt=false)"
+            return
+        try:
+            server = checkpoint.load(self.run / "checkpoint.npz")
+            state = server.state
+            if state["soft/prompt"].shape[1] != self.rec.backend.hidden_size:
+                raise ValueError(f"its soft prompt is {state['soft/prompt'].shape[1]} wide, the LLM {self.rec.backend.hidden_size}")
+            reranker = trained_reranker(self.rec, state, fed)
+        except Exception as exc:  # noqa: BLE001 - any reason the run cannot be used is reported, the page still works
+            self._trained_reason = f"the run in {self.run} cannot be used: {exc}"
+            log.warning("%s", self._trained_reason)
+            return
+        self._trained = (lambda weight: _with_weight(reranker, weight), server.round)
+
+    def _zero_shot(self, weight: float):  # noqa: ANN202 - Reranker
+        with self._load_lock:
+            if self._zero_shot_reranker is None:
+                self._zero_shot_reranker = self.rec.reranker(fusion_weight=weight)
+        return _with_weight(self._zero_shot_reranker, weight)
+
+    # --- answers -----------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        trained = self.trained()
+        soft = {"loaded": trained is not None, "run": str(self.run) if self.run else None}
+        soft.update({"round": trained[1]} if trained else {"reason": self._trained_reason})
+        return {
+            "dataset": self.rec.dataset.name, "users": self.rec.dataset.n_users, "items": self.rec.dataset.n_items,
+            "index_size": len(self.rec.index), "model": self.rec.cfg.llm.model, "backend": self.rec.backend.describe(),
+            "soft_prompt": soft, "queue": {"admitted": self._admitted, "max": self.max_queue},
+        }
+
+    def search(self, query: str, limit: int) -> list[dict[str, Any]]:
+        """Items whose title contains every word of `query` (case-insensitive), shortest titles first."""
+        words = query.casefold().split()
+        cat = self.rec.dataset.catalog
+        hits = [i for i in range(len(cat)) if all(w in cat.label(i).casefold() for w in words)]
+        hits.sort(key=lambda i: (len(cat.titles[i]), i))
+        return [self._item(i) for i in hits[:limit]]
+
+    def users(self, limit: int) -> list[dict[str, Any]]:
+        histories = self.rec.split.histories("test")
+        return [{"user_id": _plain(self.rec.dataset.user_ids[u]), "history_length": len(histories[u])}
+                for u in range(min(limit, self.rec.dataset.n_users))]
+
+    def run_curves(self) -> dict[str, Any]:
+        results = self.run_results()
+        if results is None:
+            return {"available": False, "reason": "no federated run found; `fedrec train --config …` writes one"}
+        history = results.get("history", [])
+        return {
+            "available": True, "run": str(self.run), "rounds": results.get("rounds"), "clients": results.get("clients"),
+            "engine": results.get("engine"),
+            "valid_ndcg10": [h.get("valid", {}).get("N@10") for h in history],
+            "bytes_up": [h.get("bytes_up") for h in history], "bytes_down": [h.get("bytes_down") for h in history],
+            "test": results.get("test"), "test_rerank": {k: v for k, v in (results.get("test_rerank") or {}).items() if k != "by_client"},
+        }
+
+    def _item(self, i: int) -> dict[str, Any]:
+        return {"item_id": _plain(self.rec.dataset.catalog.item_ids[i]), "title": self.rec.dataset.catalog.label(i)}
+
+    def history_of(self, request: RecommendRequest) -> tuple[np.ndarray, np.ndarray]:
+        """(item indices, ratings) of the request's user or ad-hoc history; errors name the field and the fix."""
+        if (request.user_id is None) == (request.history is None):
+            raise BadInput("give exactly one of `user_id` (an existing user) or `history` (a list of {item_id, rating})")
+        if request.user_id is not None:
+            try:
+                user = self.rec.dataset.user_index(request.user_id)
+            except DataError as exc:
+                raise NotFound(f"user_id: {exc}") from None
+            history = self.rec.split.histories("test")[user]
+            return history, self.rec.dataset.ratings[user][: len(history)]
+        assert request.history is not None
+        if not request.history:
+            raise BadInput("`history` is empty: add at least one liked item (search with /api/items?q=…)")
+        cat = self.rec.dataset.catalog
+        found = [cat.index_of(h.item_id) for h in request.history]
+        unknown = [h.item_id for h, i in zip(request.history, found, strict=True) if i is None]
+        if unknown:
+            raise BadInput(f"`history` has item ids not in {self.rec.dataset.name}: {unknown[:10]}; find ids with /api/items?q=…")
+        ratings = np.array([np.nan if h.rating is None else h.rating for h in request.history], dtype=np.float64)
+        return np.array(found, dtype=np.int64), ratings
+
+    def recommend(self, request: RecommendRequest) -> dict[str, Any]:
+        """The whole pipeline for one history; runs on the worker pool."""
+        from pipeline.rerank import RerankRequest
+        from retrieval import Query
+
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        history, ratings = self.history_of(request)
+        with self._retrieval_lock:
+            profile = self.rec.text_profile(history, ratings)
+            found = self.rec.retriever.retrieve(Query(tuple(history.tolist()), profile), self.rec.cfg.retrieval.num_candidates)
+        timings["retrieve"] = (time.perf_counter() - start) * 1000
+        if request.soft_prompt:
+            trained = self.trained()
+            if trained is None:
+                raise Unavailable(f"`soft_prompt`: no trained soft prompt is loaded ({self._trained_reason})")
+        weight = request.fusion_weight if request.fusion_weight is not None else self.rec.fusion_weight()
+        start = time.perf_counter()
+        with self._llm_lock or _nothing():
+            reranker = self.trained()[0](weight) if request.soft_prompt else self._zero_shot(weight)
+            ranked = reranker.rerank(RerankRequest(profile, tuple(history.tolist()), tuple(found)))[: request.k]
+            timings["rerank"] = (time.perf_counter() - start) * 1000
+            explanation = None
+            if request.explain and ranked:
+                from pipeline.rerank import explain
+
+                start = time.perf_counter()
+                titles = [self.rec.dataset.catalog.label(x.item) for x in ranked[:3]]
+                explanation = explain(self.rec.backend, profile, titles, self.rec.cfg.rerank).strip()
+                timings["explain"] = (time.perf_counter() - start) * 1000
+        return {
+            "profile": profile,
+            "history": [self._item(int(i)) for i in history[-50:]],
+            "candidates": [{**self._item(c.item), "retrieval_rank": r + 1, "retrieval_score": float(c.score)} for r, c in enumerate(found)],
+            "ranked": [{**self._item(x.item), "rank": r + 1, "retrieval_rank": x.retrieval_rank + 1,
+                        "llm_probability": float(math.exp(x.llm_score)) if self.rec.cfg.rerank.method == "verbalizer" else 0.0,
+                        "score": float(x.score), "moved": x.retrieval_rank - r} for r, x in enumerate(ranked)],
+            "explanation": explanation, "soft_prompt": request.soft_prompt, "fusion_weight": float(weight), "timings_ms": timings,
+        }
+
+    async def submit(self, fn, *args):  # noqa: ANN001, ANN201 - run `fn` on the pool, bounded and timed
+        with self._count_lock:
+            if self._admitted >= self.max_queue:
+                raise Busy(f"{self._admitted} requests are already queued (limit {self.max_queue}); retry shortly")
+            self._admitted += 1
+        future = self.pool.submit(fn, *args)
+        future.add_done_callback(lambda _: self._release())
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout=self.timeout_s)
+
+    def _release(self) -> None:
+        with self._count_lock:
+            self._admitted -= 1
+
+
+def _with_weight(reranker, weight: float):  # noqa: ANN001, ANN202 - a copy, so concurrent requests do not share the setting
+    out = copy.copy(reranker)
+    if hasattr(out, "fusion_weight"):
+        out.fusion_weight = weight
+    return out
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _plain(value: object) -> int | str:
+    return value.item() if hasattr(value, "item") else value  # type: ignore[return-value]
+
+
+def create_app(demo: Demo) -> FastAPI:
+    """The FastAPI app: JSON API under /api, the page at /."""
+    app = FastAPI(title="fedrec", version="0.1.0", description="Federated LLM recommendation: profile → retrieval → rerank → explanation.")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{where}: {error.get('msg', 'invalid')}")
+        return JSONResponse(status_code=422, content={"detail": "; ".join(problems), "errors": json.loads(json.dumps(exc.errors(), default=str))})
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse(status_code=status, content={"detail": message})
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/api/status", response_model=Status)
+    async def status() -> Any:
+        try:
+            return await demo.submit(demo.status)
+        except Busy as exc:
+            return error(503, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the backend failing to load is a 503 with its reason
+            return error(503, f"the LLM backend is unavailable: {exc}")
+
+    @app.get("/api/items", response_model=list[Item])
+    def items(q: Annotated[str, Query(min_length=1, max_length=200, description="Words of the title")],
+              limit: Annotated[int, Query(ge=1, le=50)] = 10) -> Any:
+        return demo.search(q, limit)
+
+    @app.get("/api/users")
+    def users(limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> Any:
+        return demo.users(limit)
+
+    @app.get("/api/run")
+    def run() -> Any:
+        return demo.run_curves()
+
+    @app.post("/api/recommend", response_model=RecommendResponse)
+    async def recommend(request: RecommendRequest) -> Any:
+        try:
+            return await demo.submit(demo.recommend, request)
+        except NotFound as exc:
+            return error(404, str(exc))
+        except BadInput as exc:
+            return error(422, str(exc))
+        except Unavailable as exc:
+            return error(409, str(exc))
+        except Busy as exc:
+            return error(503, str(exc))
+        except TimeoutError:
+            return error(503, f"the LLM did not answer within {demo.timeout_s:.0f} s; try again or raise --timeout")
+        except (LLMError, OSError, RuntimeError) as exc:
+            return error(503, f"the LLM backend failed: {exc}")
+
+    return app
+
+
+def serve(rec: Recommender, *, host: str = "127.0.0.1", port: int = 8000, run: Path | None = None, timeout_s: float = 120.0,
+          max_queue: int = 32) -> None:
+    """Start uvicorn with the app (blocks)."""
+    import uvicorn
+
+    demo = Demo(rec, run, timeout_s=timeout_s, max_queue=max_queue)
+    uvicorn.run(create_app(demo), host=host, port=port, log_level="warning")
