@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, data_dir, markdown_table, update_results
+from common import REPO, data_dir, markdown_table, update_results, vllm_server
 
 
 def _requests(n: int, cache: str):
@@ -75,37 +75,17 @@ def child(dtype: str, users: int, listwise_users: int, cache: str) -> None:
 
 
 def _served(users: int, listwise_users: int, cache: str) -> dict | None:
-    import httpx
-
-    python = REPO / ".venv-vllm" / "bin" / "python"
-    if not python.exists():
-        return None
     from pipeline.llm.openai_backend import OpenAIBackend
     from pipeline.llm.transformers_backend import resolve_model
 
     model = resolve_model("SmolLM2-135M-Instruct", Path(cache))
-    port = 8731
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--enforce-eager",
-               "--enable-prompt-embeds", "--logprobs-mode", "processed_logprobs", "--max-logprobs", "52",
-               "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
-               # Timing runs send the same prompts twice; a prefix cache would answer the second pass from memory.
-               "--no-enable-prefix-caching"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(1)
+    # Timing runs send the same prompts twice; a prefix cache would answer the second pass from memory.
+    with vllm_server(model, 8731, "--no-enable-prefix-caching") as url:
+        if url is None:
+            return None
         rec, requests = _requests(users, cache)
-        backend = OpenAIBackend(f"http://127.0.0.1:{port}/v1", tokenizer=model, concurrency=4, timeout_s=300)
+        backend = OpenAIBackend(url, tokenizer=model, concurrency=4, timeout_s=300)
         return _time_methods(rec, backend, requests, listwise_users)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 def main() -> None:

@@ -7,9 +7,11 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,3 +72,41 @@ def update_results(section: str, title: str, command: str, body: str) -> None:
     from pipeline.io import write_text
 
     write_text(RESULTS, text)
+
+
+def wait_http(url: str, process: subprocess.Popen, timeout: float = 300.0) -> None:
+    """Block until `url` answers 200; fail if `process` exits or the timeout passes."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@contextmanager
+def vllm_server(model: str, port: int, *extra: str) -> Iterator[str | None]:
+    """The vLLM CPU server from .venv-vllm on 127.0.0.1:`port` with the flags fedrec needs; yields its /v1 URL
+    (None when .venv-vllm is absent) and stops it afterwards."""
+    python = REPO / ".venv-vllm" / "bin" / "python"
+    if not python.exists():
+        yield None
+        return
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--enforce-eager",
+               "--enable-prompt-embeds", "--logprobs-mode", "processed_logprobs", "--max-logprobs", "52",
+               "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port), *extra]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", server)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
