@@ -146,3 +146,15 @@ def test_soft_prompt_without_a_run_is_a_clear_409(demo: Demo, tmp_path: Path) ->
     response = client.post("/api/recommend", json={"user_id": 1, "soft_prompt": True, "explain": False})
     assert response.status_code == 409 and "soft_prompt" in response.json()["detail"]
     assert client.get("/api/run").json()["available"] is False
+
+
+def test_serve_command_rejects_a_folder_that_is_not_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import sys
+
+    from pipeline.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fedrec", "serve", "--config", str(REPO / "configs" / "tiny.yaml"), "--run", str(tmp_path)])
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 2 and "no results.json there" in capsys.readouterr().out
