@@ -100,6 +100,10 @@ function renderResult(result) {
         `p=${r.llm_probability.toFixed(3)} · was #${r.retrieval_rank}`))));
   $("ranking-mode").textContent = `(${result.soft_prompt ? "trained soft prompt" : "zero-shot prompt"}, LLM weight ${result.fusion_weight.toFixed(2)})`;
   $("explanation").textContent = result.explanation || "(explanation off)";
+  if ($("fusion-auto").checked) {
+    $("fusion").value = result.fusion_weight;
+    $("fusion-value").textContent = result.fusion_weight.toFixed(2);
+  }
 }
 
 async function recommend() {
@@ -153,6 +157,7 @@ function barChart(svg, values, label) {
 async function loadRun() {
   try {
     const run = await api("/api/run");
+    $("curve").hidden = $("bytes").hidden = !run.available;
     if (!run.available) { $("run-summary").textContent = run.reason; return; }
     const test = run.test ? `test R@10 ${run.test["R@10"].toFixed(4)}, N@10 ${run.test["N@10"].toFixed(4)}` : "";
     const rerank = run.test_rerank && run.test_rerank["N@10"] !== undefined ? ` · reranked N@10 ${run.test_rerank["N@10"].toFixed(4)}` : "";
