@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -142,11 +144,6 @@ def vllm_server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
 
     Yields the base URL (`http://127.0.0.1:PORT/v1`). Outside CI a missing venv skips; in CI it fails.
     """
-    import subprocess
-    import time
-
-    import httpx
-
     python = Path(os.environ.get("FEDREC_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
     if not python.exists():
         message = f"vLLM venv not found at {python}; build it with `make vllm-venv`"
@@ -154,30 +151,42 @@ def vllm_server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
             pytest.fail(message)
         pytest.skip(message)
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     command = [
         str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_llama), "--enforce-eager",
         "--enable-prompt-embeds", "--logprobs-mode", "processed_logprobs", "--max-logprobs", "52",
         "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
     ]
-    with log_path.open("w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/v1"
+    with running_server("vLLM server", command, f"{url}/models", tmp_path_factory.mktemp("vllm") / "server.log", env, timeout=300):
+        yield url
+
+
+@contextmanager
+def running_server(name: str, command: list[str], ready_url: str, log_path: Path, env: dict[str, str], *, timeout: float,
+                   cwd: Path | None = None) -> Iterator[None]:
+    """Start `command`, wait until `ready_url` answers 200 (failing with the log's tail if it exits or times out), stop it after."""
+    import subprocess
+    import time
+
+    import httpx
+
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + timeout
         while True:
             if server.poll() is not None:
-                pytest.fail(f"vLLM server exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
+                pytest.fail(f"{name} exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"vLLM server not ready after 300 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        yield url
+                pytest.fail(f"{name} not ready after {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield
     finally:
         server.terminate()
         try:

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, _free_port
+from conftest import REPO, _free_port, running_server
 
 pytestmark = pytest.mark.browser
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -29,37 +27,15 @@ def _missing(message: str) -> None:
 
 @pytest.fixture(scope="module")
 def server(demo_overrides: list[str], cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    import httpx
-
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     command = [sys.executable, "-m", "pipeline.cli", "serve", "--config", str(REPO / "configs" / "tiny.yaml"), "--port", str(port)]
     for override in demo_overrides:
         command += ["--set", override]
     env = {**os.environ, "FEDREC_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1"}
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"fedrec serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/api/status", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"fedrec serve not ready after 180 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with running_server("fedrec serve", command, f"{url}/api/status", tmp_path_factory.mktemp("serve") / "serve.log", env,
+                        timeout=180, cwd=REPO):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.fixture(scope="module")
