@@ -141,7 +141,7 @@ def evaluate_rerank_state(rec: Recommender, state: State, split: str, users: np.
     groups = [(i, g) for i, g in groups if len(g)]
     ranked: dict[int, list[int]] = {}
     for partition, members in groups:
-        personal = private_store(rec, partition).load_before(10**9) if clients and cfg.federation.personal_tokens else None
+        personal = private_store(rec, partition).latest() if clients and cfg.federation.personal_tokens else None
         reranker = trained_reranker(rec, state, cfg.federation, personal=personal)
         requests = [RerankRequest(rec.profile(int(u), split), tuple(histories[u].tolist()), tuple(found[int(u)])) for u in members]
         for u, result in zip(members.tolist(), reranker.rerank_batch(requests), strict=True):

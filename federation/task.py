@@ -84,6 +84,11 @@ class PrivateStore:
         with np.load(self._files()[max(earlier)]) as saved:
             return {k: saved[k] for k in saved.files}
 
+    def latest(self) -> State:
+        """The newest saved arrays (empty before the first round)."""
+        files = self._files()
+        return self.load_before(max(files) + 1) if files else {}
+
     def save(self, round_: int, arrays: State) -> None:
         from pipeline.io import atomic_path
 
