@@ -129,8 +129,9 @@ class Demo:
         self._admitted = 0
         self._count_lock = threading.Lock()
         self._retrieval_lock = threading.Lock()  # embedder, tokenizer and FAISS calls: one at a time
+        # In-process, the model work runs one request at a time (torch modules are not shared across threads);
+        # against a server, up to llm.concurrency requests are in flight.
         in_process = rec.cfg.llm.backend == "transformers"
-        self._llm_lock = threading.Lock() if in_process else None  # torch modules are not shared across threads
         self.pool = ThreadPoolExecutor(max_workers=1 if in_process else max(1, rec.cfg.llm.concurrency), thread_name_prefix="fedrec-serve")
         self.run = run if run is not None else self._newest_run()
         self._trained: Any = None
@@ -267,18 +268,17 @@ class Demo:
                 raise Unavailable(f"`soft_prompt`: no trained soft prompt is loaded ({self._trained_reason})")
         weight = request.fusion_weight if request.fusion_weight is not None else self.rec.fusion_weight()
         start = time.perf_counter()
-        with self._llm_lock or _nothing():
-            reranker = self.trained()[0](weight) if request.soft_prompt else self._zero_shot(weight)
-            ranked = reranker.rerank(RerankRequest(profile, tuple(history.tolist()), tuple(found)))[: request.k]
-            timings["rerank"] = (time.perf_counter() - start) * 1000
-            explanation = None
-            if request.explain and ranked:
-                from pipeline.rerank import explain
+        reranker = self.trained()[0](weight) if request.soft_prompt else self._zero_shot(weight)
+        ranked = reranker.rerank(RerankRequest(profile, tuple(history.tolist()), tuple(found)))[: request.k]
+        timings["rerank"] = (time.perf_counter() - start) * 1000
+        explanation = None
+        if request.explain and ranked:
+            from pipeline.rerank import explain
 
-                start = time.perf_counter()
-                titles = [self.rec.dataset.catalog.label(x.item) for x in ranked[:3]]
-                explanation = explain(self.rec.backend, profile, titles, self.rec.cfg.rerank).strip()
-                timings["explain"] = (time.perf_counter() - start) * 1000
+            start = time.perf_counter()
+            titles = [self.rec.dataset.catalog.label(x.item) for x in ranked[:3]]
+            explanation = explain(self.rec.backend, profile, titles, self.rec.cfg.rerank).strip()
+            timings["explain"] = (time.perf_counter() - start) * 1000
         return {
             "profile": profile,
             "history": [self._item(int(i)) for i in history[-50:]],
@@ -308,14 +308,6 @@ def _with_weight(reranker, weight: float):  # noqa: ANN001, ANN202 - a copy, so 
     if hasattr(out, "fusion_weight"):
         out.fusion_weight = weight
     return out
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _plain(value: object) -> int | str:
