@@ -322,7 +322,7 @@ def serve(
     timeout: Annotated[float, typer.Option(min=1, help="Seconds one request may wait for the LLM before a 503.")] = 120.0,
     max_queue: Annotated[int, typer.Option(min=1, help="Requests admitted at once; more get a 503 'busy'.")] = 32,
 ) -> None:
-    """The demo page and JSON API (OpenAPI schema at /docs): search, profile, candidates, LLM ranking, explanation."""
+    """The demo page and JSON API (OpenAPI schema at /openapi.json): search, profile, candidates, LLM ranking, explanation."""
     try:
         from pipeline.serve import serve as start
     except ImportError as exc:

@@ -1,4 +1,4 @@
-// fedrec demo page: talks only to the JSON API under /api (its schema is at /docs).
+// fedrec demo page: talks only to the JSON API under /api (its schema is at /openapi.json).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
