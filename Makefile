@@ -38,7 +38,7 @@ demo: setup
 test: setup $(if $(IS_CI),vllm-venv)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# All benchmarks (about an hour on 2 cores); each rewrites its own section of benchmarks/RESULTS.md.
+# All benchmarks (about two and a half hours on 2 cores); each rewrites its own section of benchmarks/RESULTS.md.
 bench: setup
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_retrieval.py
@@ -47,6 +47,8 @@ bench: setup
 	$(PY) benchmarks/bench_rerank.py
 	$(PY) benchmarks/bench_federation.py
 	$(PY) benchmarks/bench_ablation.py
+	$(PY) benchmarks/bench_personal.py
+	$(PY) benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache
