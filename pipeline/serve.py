@@ -26,6 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.data.dataset import plain_scalar
 from pipeline.errors import DataError
 from pipeline.llm.base import LLMError
 from pipeline.recommender import Recommender
@@ -209,7 +210,7 @@ class Demo:
 
     def users(self, limit: int) -> list[dict[str, Any]]:
         histories = self.rec.split.histories("test")
-        return [{"user_id": _plain(self.rec.dataset.user_ids[u]), "history_length": len(histories[u])}
+        return [{"user_id": plain_scalar(self.rec.dataset.user_ids[u]), "history_length": len(histories[u])}
                 for u in range(min(limit, self.rec.dataset.n_users))]
 
     def run_curves(self) -> dict[str, Any]:
@@ -226,7 +227,7 @@ class Demo:
         }
 
     def _item(self, i: int) -> dict[str, Any]:
-        return {"item_id": _plain(self.rec.dataset.catalog.item_ids[i]), "title": self.rec.dataset.catalog.label(i)}
+        return {"item_id": plain_scalar(self.rec.dataset.catalog.item_ids[i]), "title": self.rec.dataset.catalog.label(i)}
 
     def history_of(self, request: RecommendRequest) -> tuple[np.ndarray, np.ndarray]:
         """(item indices, ratings) of the request's user or ad-hoc history; errors name the field and the fix."""
@@ -262,13 +263,12 @@ class Demo:
             profile = self.rec.text_profile(history, ratings)
             found = self.rec.retriever.retrieve(Query(tuple(history.tolist()), profile), self.rec.cfg.retrieval.num_candidates)
         timings["retrieve"] = (time.perf_counter() - start) * 1000
-        if request.soft_prompt:
-            trained = self.trained()
-            if trained is None:
-                raise Unavailable(f"`soft_prompt`: no trained soft prompt is loaded ({self._trained_reason})")
+        trained = self.trained() if request.soft_prompt else None
+        if request.soft_prompt and trained is None:
+            raise Unavailable(f"`soft_prompt`: no trained soft prompt is loaded ({self._trained_reason})")
         weight = request.fusion_weight if request.fusion_weight is not None else self.rec.fusion_weight()
         start = time.perf_counter()
-        reranker = self.trained()[0](weight) if request.soft_prompt else self._zero_shot(weight)
+        reranker = trained[0](weight) if trained else self._zero_shot(weight)
         ranked = reranker.rerank(RerankRequest(profile, tuple(history.tolist()), tuple(found)))[: request.k]
         timings["rerank"] = (time.perf_counter() - start) * 1000
         explanation = None
@@ -308,10 +308,6 @@ def _with_weight(reranker, weight: float):  # noqa: ANN001, ANN202 - a copy, so 
     if hasattr(out, "fusion_weight"):
         out.fusion_weight = weight
     return out
-
-
-def _plain(value: object) -> int | str:
-    return value.item() if hasattr(value, "item") else value  # type: ignore[return-value]
 
 
 def create_app(demo: Demo) -> FastAPI:

@@ -197,13 +197,13 @@ def _resolve_duplicates(inter: pd.DataFrame, policy: str, path: str) -> pd.DataF
     user, item, line = (inter[c].iloc[at] for c in ("user_id", "item_id", "line"))
     first = int(inter.loc[(inter["user_id"] == user) & (inter["item_id"] == item), "line"].iloc[0])
     raise DataError(
-        f"{path} line {line}: user {_plain(user)!r} and item {_plain(item)!r} repeat line {first} "
+        f"{path} line {line}: user {plain_scalar(user)!r} and item {plain_scalar(item)!r} repeat line {first} "
         f"({int(dup.sum())} repeated rows in all); remove them or set data.duplicates=keep_first "
         "(or keep_all for repeat consumption)"
     )
 
 
-def _plain(value: object) -> object:
+def plain_scalar(value: object) -> object:
     """numpy scalar → Python scalar, so messages read `1`, not `np.int64(1)`."""
     return value.item() if hasattr(value, "item") else value
 
@@ -216,7 +216,7 @@ def _attach_catalog(inter: pd.DataFrame, items: pd.DataFrame, policy: str, files
     if policy == "drop":
         log.warning("dropped interactions with %d items missing from %s", len(missing), files.get("items"))
         return inter[known]
-    sample = ", ".join(repr(_plain(m)) for m in missing[:5])
+    sample = ", ".join(repr(plain_scalar(m)) for m in missing[:5])
     raise DataError(
         f"{len(missing)} item ids in {files.get('interactions')} are missing from the catalogue "
         f"{files.get('items')} (e.g. {sample}); add them to the catalogue or set data.missing_items=drop"
