@@ -33,7 +33,7 @@ def main() -> None:
     import torch
 
     import prompts
-    from federation.softprompt import SoftPrompt, make_examples, train_soft_prompt
+    from pipeline.llm.softprompt import SoftPrompt, make_examples, train_soft_prompt
     from federation.task import initial_state, tower_config
     from pipeline.config import load_config
     from pipeline.evaluate import list_metrics
@@ -42,7 +42,7 @@ def main() -> None:
     from retrieval.tower import RetrievalTower, train_tower
 
     cache = str(Path.home() / ".cache" / "fedrec")
-    cfg = load_config(REPO / "configs" / "ml-latest-small.yaml", [f"cache_dir={cache}", "federation.lr=0.003", "llm.dtype=bfloat16"])
+    cfg = load_config(REPO / "configs" / "ml-latest-small.yaml", [f"cache_dir={cache}", "tower.lr=0.003", "llm.dtype=bfloat16"])
     rec = Recommender.from_config(cfg)
     rng = np.random.default_rng(0)
     order = rng.permutation(rec.dataset.n_users)
@@ -78,13 +78,13 @@ def main() -> None:
         ("trained soft prompt + item tokens", "rerank.v2", True, True),
     ):
         builder = PromptBuilder(backend, rec.dataset.catalog, cfg.rerank.model_copy(update={"template": template}), item_tokens=tokens)
-        module = SoftPrompt(cfg.federation.soft_prompt_tokens, backend.hidden_size, cfg.federation.tower_dim)
+        module = SoftPrompt(cfg.soft_prompt.tokens, backend.hidden_size, cfg.tower.dim)
         start = time.perf_counter()
         loss = float("nan")
         if trained:
             examples = make_examples(builder, train_requests, train_targets)
-            stats = train_soft_prompt(module, backend, examples, items, labels, epochs=args.epochs, batch_size=cfg.federation.soft_prompt_batch_size,
-                                      lr=cfg.federation.soft_prompt_lr)
+            stats = train_soft_prompt(module, backend, examples, items, labels, epochs=args.epochs, batch_size=cfg.soft_prompt.batch_size,
+                                      lr=cfg.soft_prompt.lr)
             loss = stats["loss"]
         train_minutes = (time.perf_counter() - start) / 60
         reranker = VerbalizerReranker(
@@ -106,8 +106,8 @@ def main() -> None:
         "bench:ablation", "Reranker ablation: text prompt vs soft prompt vs soft prompt + item tokens",
         f"python benchmarks/bench_ablation.py --train-users {args.train_users} --eval-users {args.eval_users} --epochs {args.epochs}",
         f"ml-latest-small, centrally trained tower ({args.tower_epochs} epochs, {tower_minutes:.1f} min) retrieves {n} candidates; "
-        f"{args.train_users} users train the soft prompt ({cfg.federation.soft_prompt_tokens} tokens; Adam lr {cfg.federation.soft_prompt_lr}, "
-        f"batch {cfg.federation.soft_prompt_batch_size}, {args.epochs} epoch), {len(eval_users)} other users are evaluated on their test "
+        f"{args.train_users} users train the soft prompt ({cfg.soft_prompt.tokens} tokens; Adam lr {cfg.soft_prompt.lr}, "
+        f"batch {cfg.soft_prompt.batch_size}, {args.epochs} epoch), {len(eval_users)} other users are evaluated on their test "
         f"item (full ranking; tower misses count as 0; tower Recall@{n} ceiling {ceiling:.4f}). SmolLM2-135M-Instruct, bf16 weights, "
         f"fp32 label logits, LLM frozen. Seeded; one run. Small samples: differences of one or two hits are noise.\n\n{table}",
     )

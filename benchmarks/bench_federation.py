@@ -39,7 +39,7 @@ def _rec(cache: str, out: str, *overrides: str):
     from pipeline.config import load_config
     from pipeline.recommender import Recommender
 
-    cfg = load_config(REPO / "configs" / "ml-latest-small.yaml", [f"cache_dir={cache}", f"output_dir={out}", "federation.lr=0.003", *overrides])
+    cfg = load_config(REPO / "configs" / "ml-latest-small.yaml", [f"cache_dir={cache}", f"output_dir={out}", "tower.lr=0.003", *overrides])
     return Recommender.from_config(cfg)
 
 

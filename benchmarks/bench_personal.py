@@ -1,9 +1,9 @@
 """Federated retrieval + rerank on ml-latest-small, and personalization: per-client NDCG@10 with and without personal tokens.
 
 Ten clients (random user groups) train the retrieval tower, the shared soft prompt and the item-token
-projector with FedAvg (`federation.soft_prompt=true`, SmolLM2-135M-Instruct frozen, bf16 weights,
+projector with FedAvg (`soft_prompt.enabled=true`, SmolLM2-135M-Instruct frozen, bf16 weights,
 fp32 label logits). The second run adds personal tokens that each client trains and keeps to
-itself (`federation.personal_tokens`); everything else, seeds included, is the same. The test
+itself (`soft_prompt.personal_tokens`); everything else, seeds included, is the same. The test
 users are reranked with their own client's personal tokens, and each client's mean NDCG@10 is
 compared between the two runs.
 
@@ -42,12 +42,12 @@ def main() -> None:
 
     cache, runs = str(Path.home() / ".cache" / "fedrec"), tempfile.mkdtemp(prefix="fedrec-bench-")
     common = [f"cache_dir={cache}", f"output_dir={runs}", "partition.scheme=group", "partition.num_clients=10", "partition.split=random",
-              "federation.lr=0.003", f"federation.rounds={args.rounds}", f"federation.local_epochs={args.local_epochs}",
-              "federation.soft_prompt=true", f"federation.soft_prompt_users={args.users_per_round}", f"eval.max_users={args.eval_users}",
+              "tower.lr=0.003", f"federation.rounds={args.rounds}", f"federation.local_epochs={args.local_epochs}",
+              "soft_prompt.enabled=true", f"soft_prompt.users={args.users_per_round}", f"eval.max_users={args.eval_users}",
               "llm.dtype=bfloat16"]
     results, minutes = {}, {}
     for personal in (0, args.personal):
-        rec = Recommender.from_config(load_config(REPO / "configs" / "ml-latest-small.yaml", [*common, f"federation.personal_tokens={personal}"]))
+        rec = Recommender.from_config(load_config(REPO / "configs" / "ml-latest-small.yaml", [*common, f"soft_prompt.personal_tokens={personal}"]))
         start = time.perf_counter()
         results[personal] = train(rec, progress=True)
         minutes[personal] = (time.perf_counter() - start) / 60

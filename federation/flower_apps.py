@@ -19,8 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from federation.core import Payload, State
-from federation.task import ClientData, ClientResult, ServerState, local_train, server_round
-from pipeline.config import FederationConfig
+from federation.task import ClientData, ClientResult, Recipe, ServerState, keep_going, local_train, server_round
 
 log = logging.getLogger(__name__)
 ClientLoader = Callable[[int], ClientData]
@@ -47,9 +46,9 @@ def make_client_app(load: ClientLoader) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         partition = int(context.node_config["partition-id"])
-        cfg = FederationConfig.model_validate_json(str(msg.content["config"]["federation"]))
+        recipe = Recipe.from_json(str(msg.content["config"]["recipe"]))
         round_ = int(msg.content["config"]["round"])
-        delta, examples, metrics = local_train(from_record(msg.content["arrays"]), load(partition), cfg, seed=round_ * 100_003 + partition, round_=round_)
+        delta, examples, metrics = local_train(from_record(msg.content["arrays"]), load(partition), recipe, seed=round_ * 100_003 + partition, round_=round_)
         reply = RecordDict({
             "arrays": to_record(delta),
             "metrics": MetricRecord({"num-examples": int(examples), "loss": float(metrics["loss"]), "partition-id": partition}),
@@ -70,22 +69,24 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float = 300.0) -> list[int]:
 
 
 def make_server_app(
-    server: ServerState, cfg: FederationConfig, n_clients: int, *, on_round: Callable[[ServerState, dict[str, Any]], None],
+    server: ServerState, recipe: Recipe, n_clients: int, *, on_round: Callable[[ServerState, dict[str, Any]], None],
     payload: Payload | None = None, reply_timeout: float = 3600.0,
 ) -> ServerApp:
-    """A ServerApp that runs rounds `server.round + 1 .. cfg.rounds`, calling `on_round` after each."""
+    """A ServerApp that runs rounds from `server.round + 1` while `keep_going` (rounds left, validation still improving),
+    calling `on_round` after each."""
     app = ServerApp()
+    cfg = recipe.federation
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         nodes = wait_for_nodes(grid, n_clients)
-        while server.round < cfg.rounds:
+        while keep_going(server, cfg):
             server.round += 1
             rng = np.random.default_rng([cfg.seed, server.round])
             # Sample positions, not ids: node ids are unsigned 64-bit and numpy would turn them into floats.
             picked = rng.choice(len(nodes), size=min(cfg.clients_per_round or len(nodes), len(nodes)), replace=False)
             chosen = sorted(nodes[int(i)] for i in picked)
-            config = ConfigRecord({"round": server.round, "federation": cfg.model_dump_json()})
+            config = ConfigRecord({"round": server.round, "recipe": recipe.to_json()})
             messages = [
                 Message(RecordDict({"arrays": to_record(server.state), "config": config}), dst_node_id=node,
                         message_type="train", group_id=str(server.round))

@@ -1,71 +1,57 @@
-"""`fedrec train`: federated training of the retrieval tower on a Flower engine, checkpointed every round."""
+"""`fedrec train`: federated training of the retrieval tower on a Flower engine, checkpointed every round.
+
+Rounds stop when validation R@10 has not improved for `federation.patience` rounds; the best round's
+state is what the run folder keeps (`pipeline.trained`), with the tower's item embeddings, every
+client's local FAISS index, results.json and a model card. Test metrics go through exactly the
+FAISS path that `fedrec evaluate --run`, `recommend` and `serve` use.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from federation import checkpoint
 from federation.core import Payload, State
-from federation.task import ClientData, LLMTask, PrivateStore, ServerState, new_server, tower_config
-from pipeline.config import FederationConfig
+from federation.task import ClientData, LLMTask, PrivateStore, Recipe, ServerState, best_round, new_server
 from pipeline.data import partition_users
 from pipeline.errors import FedrecError
-from pipeline.evaluate import FunctionScorer, evaluate_scorer
-from pipeline.io import write_json
-from retrieval.tower import RetrievalTower
+from pipeline.evaluate import FunctionScorer, evaluate_scorer, list_counts, metrics_from_counts
+from pipeline.trained import export_run, finish_run, run_dir, write_state
+from retrieval.tower import RetrievalTower, sliding_windows
 
 if TYPE_CHECKING:
     from pipeline.recommender import Recommender
-    from pipeline.rerank import VerbalizerReranker
 
 log = logging.getLogger(__name__)
 
-
-def run_dir(rec: Recommender) -> Path:
-    """Where a configuration's checkpoints and results live: one folder per configuration, ignoring the
-    number of rounds and the engine, so `--resume` with more rounds (or on another engine) continues it."""
-    cfg = rec.cfg
-    federation = cfg.federation.model_dump_json(exclude={"rounds", "engine"})
-    key = hashlib.sha256(json.dumps([cfg.data.model_dump_json(), cfg.partition.model_dump_json(), federation,
-                                     rec.index_key()]).encode()).hexdigest()[:12]
-    return cfg.output_dir / f"train-{rec.dataset.name}-{key}"
-
-
-def tower_scores(rec: Recommender, state: State, split: str) -> FunctionScorer:
-    """A scorer for the evaluator: tower queries against tower item embeddings."""
-    import torch
-
-    tower = RetrievalTower(rec.item_vectors, tower_config(rec.cfg.federation))
-    tower.load_arrays(state)
-    tower.eval()
-    with torch.no_grad():
-        items = tower.item_embeddings()
-
-    def score(users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        with torch.no_grad():
-            return (tower.query(histories) @ items.T).numpy()
-
-    return FunctionScorer("tower", score)
+# Cross-silo runs write every client's index at the end; cross-device clients build theirs on first use.
+MAX_EXPORTED_INDICES = 100
 
 
 def evaluate_state(rec: Recommender, state: State, split: str, users: np.ndarray | None = None) -> dict[str, float]:
-    """Full-ranking metrics of the tower on `split`."""
-    result = evaluate_scorer(tower_scores(rec, state, split), rec.split, split, rec.dataset.n_items, ks=rec.cfg.eval.ks, users=users)
-    return result.metrics
+    """Full-ranking metrics of a tower state on `split` (exact scores: the per-round validation)."""
+    tower = RetrievalTower.from_arrays(rec.item_vectors, rec.cfg.tower, state)
+    items = tower.item_matrix()
+    scorer = FunctionScorer("tower", lambda u, histories: tower.encode(histories) @ items.T)
+    return evaluate_scorer(scorer, rec.split, split, rec.dataset.n_items, ks=rec.cfg.eval.ks, users=users).metrics
+
+
+def evaluate_served(rec: Recommender, split: str, users: np.ndarray) -> dict[str, float]:
+    """Full-ranking metrics of what `rec` serves: the tower query searched in each user's client FAISS index."""
+    scorer = FunctionScorer("tower", lambda u, h: rec.score_users(u, split))
+    return evaluate_scorer(scorer, rec.split, split, rec.dataset.n_items, ks=rec.cfg.eval.ks, users=users).metrics
 
 
 def _llm(rec: Recommender):  # noqa: ANN202 - TransformersBackend
     from pipeline.llm.transformers_backend import TransformersBackend
 
     if not isinstance(rec.backend, TransformersBackend):
-        raise FedrecError("federation.soft_prompt trains through the LLM in-process; set llm.backend=transformers")
+        raise FedrecError("soft_prompt.enabled trains through the LLM in-process; set llm.backend=transformers")
     return rec.backend
 
 
@@ -78,14 +64,14 @@ def client_loader(rec: Recommender, clients: list[np.ndarray]) -> Callable[[int]
         users = clients[partition]
         histories = [train_histories[u] for u in users]
         llm = None
-        if cfg.federation.soft_prompt:
+        if cfg.soft_prompt.enabled:
             from pipeline.rerank import PromptBuilder
 
             backend = _llm(rec)
             builder = PromptBuilder(backend, rec.dataset.catalog, cfg.rerank.model_copy(update={"template": "rerank.v2"}), item_tokens=True)
             profiles = [rec.text_profile(h[:-1], rec.dataset.ratings[u][: len(h) - 1]) for u, h in zip(users, histories, strict=True)]
             llm = LLMTask(backend, builder, profiles, cfg.retrieval.num_candidates)
-        private = private_store(rec, partition) if cfg.federation.personal_tokens else None
+        private = private_store(rec, partition) if cfg.soft_prompt.personal_tokens else None
         return ClientData(rec.item_vectors, histories, llm, private)
 
     return load
@@ -96,55 +82,25 @@ def private_store(rec: Recommender, partition: int) -> PrivateStore:
     return PrivateStore(run_dir(rec) / "clients" / f"{partition:05d}")
 
 
-def trained_reranker(rec: Recommender, state: State, fed: FederationConfig, *, fusion_weight: float = 1.0,
-                     personal: State | None = None) -> VerbalizerReranker:
-    """A verbalizer reranker with a run's trained soft prompt and item tokens (`rerank.v2` prompts; the
-    projector reads the run's tower item embeddings), for any candidates. `personal`: a client's personal tokens."""
-    import torch
+def evaluate_rerank_served(rec: Recommender, split: str, users: np.ndarray, clients: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """The served candidates (tower → client FAISS index) reranked with the run's soft prompt and item tokens
+    (misses count as 0).
 
-    from federation.softprompt import SoftPrompt
-    from pipeline.rerank import PromptBuilder, VerbalizerReranker
-
-    backend = _llm(rec)
-    tower = RetrievalTower(rec.item_vectors, tower_config(fed))
-    tower.load_arrays(state)
-    tower.eval()
-    module = SoftPrompt(fed.soft_prompt_tokens, backend.hidden_size, fed.tower_dim, personal=fed.personal_tokens if personal else 0)
-    module.load_arrays(state)
-    if personal:
-        module.load_personal(personal)
-    with torch.no_grad():
-        prompt, tokens = module.full_prompt(), module.item_tokens(tower.item_embeddings())
-    builder = PromptBuilder(backend, rec.dataset.catalog, rec.cfg.rerank.model_copy(update={"template": "rerank.v2"}), item_tokens=True)
-    return VerbalizerReranker(backend, builder, fusion_weight=fusion_weight, soft_prompt=prompt, item_tokens=lambda ids: tokens[list(ids)])
-
-
-def evaluate_rerank_state(rec: Recommender, state: State, split: str, users: np.ndarray,
-                          clients: list[np.ndarray] | None = None) -> dict[str, Any]:
-    """Tower top-N candidates reranked with the trained soft prompt and item tokens (misses count as 0).
-
-    With `federation.personal_tokens`, each client's users are reranked with that client's personal
-    tokens (read from its private folder: per-client evaluation runs where the client's data is).
-    With `clients`, the result also has `by_client`: each client's mean metrics over its users.
+    With `soft_prompt.personal_tokens`, each client's users are reranked with that client's personal tokens
+    (read from its private folder: per-client evaluation runs where the client's data is). With `clients`,
+    the result also has `by_client`: each client's mean metrics over its users.
     """
-    from pipeline.evaluate import list_counts, metrics_from_counts
-    from pipeline.rerank import RerankRequest
-
+    assert rec.trained is not None
     cfg = rec.cfg
-    tower = RetrievalTower(rec.item_vectors, tower_config(cfg.federation))
-    tower.load_arrays(state)
-    histories = rec.split.histories(split)
-    _, candidates = tower.top_candidates([histories[u] for u in users], cfg.retrieval.num_candidates)
-    found = dict(zip(users.tolist(), candidates, strict=True))
+    requests = dict(zip(users.tolist(), rec.rerank_requests(users, split), strict=True))
     wanted = set(users.tolist())
     groups = [(i, np.array([u for u in c if u in wanted], dtype=np.int64)) for i, c in enumerate(clients or [users])]
     groups = [(i, g) for i, g in groups if len(g)]
     ranked: dict[int, list[int]] = {}
     for partition, members in groups:
-        personal = private_store(rec, partition).latest() if clients and cfg.federation.personal_tokens else None
-        reranker = trained_reranker(rec, state, cfg.federation, personal=personal)
-        requests = [RerankRequest(rec.profile(int(u), split), tuple(histories[u].tolist()), tuple(found[int(u)])) for u in members]
-        for u, result in zip(members.tolist(), reranker.rerank_batch(requests), strict=True):
+        personal = private_store(rec, partition).latest() if clients and cfg.soft_prompt.personal_tokens else None
+        reranker = rec.trained.reranker(rec, personal=personal)
+        for u, result in zip(members.tolist(), reranker.rerank_batch([requests[int(u)] for u in members]), strict=True):
             ranked[u] = [x.item for x in result]
     order = np.array(sorted(ranked), dtype=np.int64)
     greater, ties = list_counts([ranked[u] for u in order.tolist()], rec.split.targets(split)[order])
@@ -158,16 +114,16 @@ def evaluate_rerank_state(rec: Recommender, state: State, split: str, users: np.
 
 
 def train(rec: Recommender, *, resume: bool = False, progress: bool = False, grid: Any = None) -> dict[str, Any]:
-    """Run federated rounds; after each, evaluate on validation and checkpoint atomically.
+    """Run federated rounds until `federation.rounds` or early stopping; after each, evaluate on validation,
+    keep the best state and checkpoint atomically. Then write the run folder (see `pipeline.trained`).
 
     With `resume`, continue from the last checkpoint of the same configuration; the result is
     identical to an uninterrupted run. With `grid` (inside a deployed ServerApp), rounds run on
     that grid instead of starting an engine.
     """
-    cfg = rec.cfg.federation
+    recipe = Recipe.of(rec.cfg)
+    cfg = recipe.federation
     clients = partition_users(rec.dataset, rec.split.train(), rec.cfg.partition)
-    train_histories = rec.split.train()
-    text_vectors = rec.item_vectors
     folder = run_dir(rec)
     ckpt = folder / "checkpoint.npz"
     if resume and ckpt.is_file():
@@ -176,37 +132,43 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
     elif resume:
         raise FedrecError(f"--resume: no checkpoint at {ckpt}; run without --resume to start")
     else:
-        server = new_server(text_vectors, cfg, len(clients), llm_hidden=_llm(rec).hidden_size if cfg.soft_prompt else None)
+        (folder / "run.json").unlink(missing_ok=True)  # a fresh start is not complete until it finishes
+        server = new_server(rec.item_vectors, recipe, len(clients), llm_hidden=_llm(rec).hidden_size if rec.cfg.soft_prompt.enabled else None)
     payload = Payload()
-
     load = client_loader(rec, clients)
 
     from pipeline.ui import rate_progress
 
     eval_users = np.arange(rec.dataset.n_users if rec.cfg.eval.max_users is None else min(rec.cfg.eval.max_users, rec.dataset.n_users))
+    started = time.perf_counter()
+    round_started = [time.perf_counter()]
     with rate_progress("rounds", enabled=progress) as bar:
         task = bar.add_task("federated rounds", total=cfg.rounds, completed=server.round)
 
         def on_round(state: ServerState, report: dict[str, Any]) -> None:
             report["valid"] = evaluate_state(rec, state.state, "valid", eval_users)
-            up = sum(r["bytes"] for r in payload.rows if r["round"] == state.round and r["direction"] == "up")
-            down = sum(r["bytes"] for r in payload.rows if r["round"] == state.round and r["direction"] == "down")
-            report["bytes_up"], report["bytes_down"] = up, down
+            rows = [r for r in payload.rows if r["round"] == state.round]
+            report["bytes_up"] = sum(r["bytes"] for r in rows if r["direction"] == "up")
+            report["bytes_down"] = sum(r["bytes"] for r in rows if r["direction"] == "down")
+            report["seconds"] = time.perf_counter() - round_started[0]
             state.history.append(report)
+            if best_round(state.history)[0] == state.round:
+                write_state(rec, folder, state.state, state.round)
             checkpoint.save(state, ckpt)
-            bar.advance(task, 1)
+            bar.update(task, completed=state.round, description=f"round {state.round}: valid R@10 {report['valid']['R@10']:.4f}")
+            round_started[0] = time.perf_counter()
 
-        if cfg.secagg:
+        if rec.cfg.federation.secagg:
             from federation.secagg import make_secagg_client_app, make_secagg_server_app
-            from retrieval.tower import sliding_windows
 
-            most = max(len(sliding_windows([train_histories[u] for u in c], cfg.tower_max_len, rec.dataset.n_items)[0]) for c in clients)
-            server_app = make_secagg_server_app(server, cfg, len(clients), max_weight=float(max(most, 1)), on_round=on_round)
-            client_app = make_secagg_client_app(load, cfg)
+            train_histories = rec.split.train()
+            most = max(len(sliding_windows([train_histories[u] for u in c], rec.cfg.tower.max_len, rec.dataset.n_items)[0]) for c in clients)
+            server_app = make_secagg_server_app(server, recipe, len(clients), max_weight=float(max(most, 1)), on_round=on_round)
+            client_app = make_secagg_client_app(load, recipe)
         else:
             from federation.flower_apps import make_client_app, make_server_app
 
-            server_app = make_server_app(server, cfg, len(clients), on_round=on_round, payload=payload)
+            server_app = make_server_app(server, recipe, len(clients), on_round=on_round, payload=payload)
             client_app = make_client_app(load)
         if server.round < cfg.rounds and grid is not None:
             from flwr.app import Context, RecordDict
@@ -214,17 +176,32 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
             server_app(grid, Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}))
         elif server.round < cfg.rounds:
             _run_engine(cfg.engine, server_app, client_app, len(clients))
+    best, _ = best_round(server.history)
+    if not (folder / "best.npz").is_file():
+        raise FedrecError(f"no round reported a validation metric, so {folder} holds no best state; rerun `fedrec train`")
+    run = export_run(rec, folder, clients=len(clients), index_clients=len(clients) <= MAX_EXPORTED_INDICES)
+    served = rec.with_run(run)
+    per_round = [h for h in server.history if h.get("bytes_up")]
+    asked = [max(int(h.get("received", 1)), 1) for h in per_round]
     results = {
-        "dataset": rec.dataset.name, "clients": len(clients), "rounds": server.round, "engine": cfg.engine,
-        "federation": cfg.model_dump(), "partition": rec.cfg.partition.model_dump(), "history": server.history,
-        "test": evaluate_state(rec, server.state, "test", eval_users),
+        "dataset": rec.dataset.name, "users": rec.dataset.n_users, "items": rec.dataset.n_items, "clients": len(clients),
+        "rounds": server.round, "best_round": best, "engine": cfg.engine, "seconds": float(sum(h.get("seconds", 0.0) for h in server.history)),
+        "seconds_to_best": float(sum(h.get("seconds", 0.0) for h in server.history if h["round"] <= best)),
+        "federation": cfg.model_dump(mode="json"), "tower": rec.cfg.tower.model_dump(mode="json"),
+        "soft_prompt": rec.cfg.soft_prompt.model_dump(mode="json"), "partition": rec.cfg.partition.model_dump(mode="json"),
+        "history": server.history, "eval_users": int(len(eval_users)),
+        "valid": next(h["valid"] for h in server.history if h["round"] == best),
+        "test": evaluate_served(served, "test", eval_users),
         "state_bytes": int(sum(v.nbytes for v in server.state.values())),
+        "bytes_up_per_client_round": int(np.mean([h["bytes_up"] / a for h, a in zip(per_round, asked, strict=True)])) if per_round else 0,
+        "bytes_down_per_client_round": int(np.mean([h["bytes_down"] / a for h, a in zip(per_round, asked, strict=True)])) if per_round else 0,
+        "wall_seconds": time.perf_counter() - started,
     }
-    if cfg.soft_prompt:
-        results["test_rerank"] = evaluate_rerank_state(rec, server.state, "test", eval_users, clients)
+    if rec.cfg.soft_prompt.enabled:
+        results["test_rerank"] = evaluate_rerank_served(served, "test", eval_users, clients)
     if server.accountant is not None:
         results["epsilon"] = server.accountant.epsilon(cfg.dp_delta)
-    write_json(folder / "results.json", results)
+    finish_run(rec, run, results)
     return results
 
 

@@ -26,11 +26,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from federation.core import add
 from federation.flower_apps import ClientLoader, wait_for_nodes
-from federation.task import ServerState, local_train
-from pipeline.config import FederationConfig
+from federation.task import Recipe, ServerState, keep_going, local_train
 
 
-def make_secagg_client_app(load: ClientLoader, cfg: FederationConfig) -> ClientApp:
+def make_secagg_client_app(load: ClientLoader, recipe: Recipe) -> ClientApp:
     """A ClientApp whose `fit` returns its delta (sorted by name) for secure averaging."""
 
     class _Client(NumPyClient):
@@ -41,7 +40,7 @@ def make_secagg_client_app(load: ClientLoader, cfg: FederationConfig) -> ClientA
             keys = sorted(str(k) for k in str(config["keys"]).split(","))
             state = dict(zip(keys, parameters, strict=True))
             round_ = int(config["round"])
-            delta, examples, metrics = local_train(state, load(self.partition), cfg, seed=round_ * 100_003 + self.partition, round_=round_)
+            delta, examples, metrics = local_train(state, load(self.partition), recipe, seed=round_ * 100_003 + self.partition, round_=round_)
             return [delta[k].astype(np.float64) for k in keys], examples, {"loss": float(metrics["loss"])}
 
     def client_fn(context: Context):  # noqa: ANN202 - flwr.client.Client
@@ -51,17 +50,18 @@ def make_secagg_client_app(load: ClientLoader, cfg: FederationConfig) -> ClientA
 
 
 def make_secagg_server_app(
-    server: ServerState, cfg: FederationConfig, n_clients: int, *, max_weight: float,
+    server: ServerState, recipe: Recipe, n_clients: int, *, max_weight: float,
     on_round: Callable[[ServerState, dict[str, Any]], None],
 ) -> ServerApp:
-    """Rounds `server.round + 1 .. cfg.rounds`, each a SecAgg+ weighted mean of the client deltas."""
+    """Rounds from `server.round + 1` while `keep_going`, each a SecAgg+ weighted mean of the client deltas."""
     app = ServerApp()
+    cfg = recipe.federation
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         wait_for_nodes(grid, n_clients)
         keys = sorted(server.state)
-        while server.round < cfg.rounds:
+        while keep_going(server, cfg):
             server.round += 1
             round_ = server.round
             strategy = LegacyFedAvg(

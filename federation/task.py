@@ -6,6 +6,7 @@ arrays. `server_round` validates, optionally clips and noises, aggregates and ap
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -29,26 +30,47 @@ from federation.core import (
     subtract,
     validate_update,
 )
-from pipeline.config import FederationConfig
-from retrieval.tower import RetrievalTower, TowerConfig, train_tower
+from pipeline.config import FederationConfig, FedrecConfig, SoftPromptConfig
+from retrieval.config import TowerConfig
+from retrieval.tower import RetrievalTower, TowerTrainer
 
 log = logging.getLogger(__name__)
 
 
-def tower_config(cfg: FederationConfig) -> TowerConfig:
-    return TowerConfig(dim=cfg.tower_dim, max_len=cfg.tower_max_len, layers=cfg.tower_layers)
+@dataclass(frozen=True)
+class Recipe:
+    """The config sections a client needs to train locally (sent with every round's message)."""
+
+    tower: TowerConfig
+    soft_prompt: SoftPromptConfig
+    federation: FederationConfig
+
+    @classmethod
+    def of(cls, cfg: FedrecConfig) -> Recipe:
+        return cls(cfg.tower, cfg.soft_prompt, cfg.federation)
+
+    def to_json(self) -> str:
+        return json.dumps({"tower": self.tower.model_dump(mode="json"), "soft_prompt": self.soft_prompt.model_dump(mode="json"),
+                           "federation": self.federation.model_dump(mode="json")})
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        raw = json.loads(text)
+        return cls(TowerConfig.model_validate(raw["tower"]), SoftPromptConfig.model_validate(raw["soft_prompt"]),
+                   FederationConfig.model_validate(raw["federation"]))
 
 
-def initial_state(text_vectors: np.ndarray, cfg: FederationConfig, *, llm_hidden: int | None = None) -> State:
+def initial_state(text_vectors: np.ndarray, recipe: Recipe, *, llm_hidden: int | None = None) -> State:
     """The untrained global state: the tower (starting from the text geometry) and, with
-    `cfg.soft_prompt`, the soft prompt and item-token projector for an LLM of width `llm_hidden`."""
-    state = RetrievalTower(text_vectors, tower_config(cfg), seed=cfg.seed).state_arrays()
-    if cfg.soft_prompt:
+    `soft_prompt.enabled`, the soft prompt and item-token projector for an LLM of width `llm_hidden`."""
+    seed = recipe.federation.seed
+    state = RetrievalTower.create(text_vectors, recipe.tower, seed=seed).state_arrays()
+    if recipe.soft_prompt.enabled:
         if llm_hidden is None:
-            raise ValueError("federation.soft_prompt needs the LLM's hidden size")
-        from federation.softprompt import SoftPrompt
+            raise ValueError("soft_prompt.enabled needs the LLM's hidden size")
+        from pipeline.llm.softprompt import SoftPrompt
 
-        state.update(SoftPrompt(cfg.soft_prompt_tokens, llm_hidden, cfg.tower_dim, seed=cfg.seed).state_arrays())
+        state.update(SoftPrompt(recipe.soft_prompt.tokens, llm_hidden, recipe.tower.dim, seed=seed).state_arrays())
     return state
 
 
@@ -107,55 +129,57 @@ class ClientData:
     """Training histories of the client's users."""
     llm: LLMTask | None = None
     private: PrivateStore | None = None
-    """Where this client keeps its personal tokens (needed with federation.personal_tokens > 0)."""
+    """Where this client keeps its personal tokens (needed with soft_prompt.personal_tokens > 0)."""
 
 
-def local_train(global_state: State, data: ClientData, cfg: FederationConfig, *, seed: int, round_: int = 1,
+def local_train(global_state: State, data: ClientData, recipe: Recipe, *, seed: int, round_: int = 1,
                 ) -> tuple[State, int, dict[str, float]]:
-    """Train the tower (and, with `cfg.soft_prompt`, the soft prompt) on one client's data.
+    """Train the tower (and, with `soft_prompt.enabled`, the soft prompt) on one client's data.
 
-    With `cfg.personal_tokens`, personal tokens are trained too and saved in `data.private` for
-    `round_`; they are not part of the returned delta.
+    With `soft_prompt.personal_tokens`, personal tokens are trained too and saved in `data.private`
+    for `round_`; they are not part of the returned delta.
 
     Returns:
         (delta of the shared arrays, number of training windows, metrics).
     """
-    tower = RetrievalTower(data.text_vectors, tower_config(cfg), seed=cfg.seed)
-    tower.load_arrays(global_state)
-    metrics = train_tower(tower, data.histories, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, prox_mu=cfg.prox_mu, seed=seed)
+    fed = recipe.federation
+    tower = RetrievalTower.from_arrays(data.text_vectors, recipe.tower, global_state)
+    trainer = TowerTrainer(tower, data.histories, prox_mu=fed.prox_mu, seed=seed)
+    metrics = trainer.run(epochs=fed.local_epochs, steps=fed.local_steps)
     local = tower.state_arrays()
-    if cfg.soft_prompt:
+    if recipe.soft_prompt.enabled:
         if data.llm is None:
-            raise ValueError("federation.soft_prompt is on but this client has no LLM task")
-        local.update(_train_soft_prompt(global_state, tower, data, cfg, seed=seed, round_=round_, metrics=metrics))
+            raise ValueError("soft_prompt.enabled is on but this client has no LLM task")
+        local.update(_train_soft_prompt(global_state, tower, data, recipe, seed=seed, round_=round_, metrics=metrics))
     return subtract(local, global_state), int(metrics["examples"]), metrics
 
 
-def _train_soft_prompt(global_state: State, tower: RetrievalTower, data: ClientData, cfg: FederationConfig, *, seed: int,
+def _train_soft_prompt(global_state: State, tower: RetrievalTower, data: ClientData, recipe: Recipe, *, seed: int,
                        round_: int, metrics: dict[str, float]) -> State:
     """One epoch over the client's users: history minus its last item → candidates from the local tower → target."""
-    from federation.softprompt import SoftPrompt, make_examples, train_soft_prompt
+    from pipeline.llm.softprompt import SoftPrompt, make_examples, train_soft_prompt
     from pipeline.rerank import RerankRequest
 
     llm = data.llm
     assert llm is not None
+    cfg = recipe.soft_prompt
     n = llm.n_candidates
     usable = [i for i, h in enumerate(data.histories) if len(h) >= 2]
-    if cfg.soft_prompt_users is not None and len(usable) > cfg.soft_prompt_users:
-        usable = sorted(np.random.default_rng(seed).choice(usable, cfg.soft_prompt_users, replace=False).tolist())
+    if cfg.users is not None and len(usable) > cfg.users:
+        usable = sorted(np.random.default_rng(seed).choice(usable, cfg.users, replace=False).tolist())
     items, candidates = tower.top_candidates([data.histories[i][:-1] for i in usable], n)
     requests = [RerankRequest(llm.profiles[i], tuple(data.histories[i][:-1].tolist()), tuple(found))
                 for i, found in zip(usable, candidates, strict=True)]
     targets = [int(data.histories[i][-1]) for i in usable]
-    module = SoftPrompt(cfg.soft_prompt_tokens, llm.backend.hidden_size, cfg.tower_dim, seed=cfg.seed, personal=cfg.personal_tokens)
+    module = SoftPrompt(cfg.tokens, llm.backend.hidden_size, recipe.tower.dim, seed=recipe.federation.seed, personal=cfg.personal_tokens)
     module.load_arrays(global_state)
     if cfg.personal_tokens:
         if data.private is None:
-            raise ValueError("federation.personal_tokens > 0 but this client has no private folder for them")
+            raise ValueError("soft_prompt.personal_tokens > 0 but this client has no private folder for them")
         module.load_personal(data.private.load_before(round_))
     examples = make_examples(llm.builder, requests, targets, seed=seed)
     stats = train_soft_prompt(module, llm.backend, examples, items.detach(), llm.builder.labels(n), epochs=1,
-                              batch_size=cfg.soft_prompt_batch_size, lr=cfg.soft_prompt_lr, seed=seed)
+                              batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
     metrics["soft_prompt_loss"] = stats["loss"]
     if cfg.personal_tokens:
         assert data.private is not None
@@ -237,11 +261,31 @@ def server_round(server: ServerState, results: list[ClientResult], cfg: Federati
     return report
 
 
-def new_server(text_vectors: np.ndarray, cfg: FederationConfig, n_clients: int, *, llm_hidden: int | None = None) -> ServerState:
-    """Round-0 server state for `cfg`."""
+def best_round(history: list[dict[str, Any]], metric: str = "R@10") -> tuple[int, float]:
+    """(round, validation `metric`) of the best round so far; the earliest wins a tie; (0, -inf) before any."""
+    best = (0, -float("inf"))
+    for report in history:
+        value = report.get("valid", {}).get(metric)
+        if value is not None and value > best[1]:
+            best = (int(report["round"]), float(value))
+    return best
+
+
+def keep_going(server: ServerState, cfg: FederationConfig) -> bool:
+    """Whether another round runs: rounds are left and validation improved within the last `cfg.patience` rounds."""
+    if server.round >= cfg.rounds:
+        return False
+    if cfg.patience is None or not server.history:
+        return True
+    return server.round - best_round(server.history)[0] < cfg.patience
+
+
+def new_server(text_vectors: np.ndarray, recipe: Recipe, n_clients: int, *, llm_hidden: int | None = None) -> ServerState:
+    """Round-0 server state for `recipe`."""
+    cfg = recipe.federation
     optimizer = FedAdam(lr=cfg.server_lr) if cfg.server_optimizer == "fedadam" else None
     accountant = None
     if cfg.dp_clip is not None:
         sample_rate = min(1.0, (cfg.clients_per_round or n_clients) / n_clients)
         accountant = RDPAccountant(cfg.dp_noise_multiplier, sample_rate)
-    return ServerState(0, initial_state(text_vectors, cfg, llm_hidden=llm_hidden), optimizer, accountant)
+    return ServerState(0, initial_state(text_vectors, recipe, llm_hidden=llm_hidden), optimizer, accountant)

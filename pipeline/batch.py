@@ -78,11 +78,11 @@ class BatchReranker:
         config: the experiment config (a `FedrecConfig` or its dict form, for Ray workers).
     """
 
-    def __init__(self, config: FedrecConfig | dict) -> None:
+    def __init__(self, config: FedrecConfig | dict, run: Path | str | None = None) -> None:
         from pipeline.recommender import Recommender
 
         cfg = config if isinstance(config, FedrecConfig) else FedrecConfig.model_validate(config)
-        self.rec = Recommender.from_config(cfg)
+        self.rec = Recommender.from_config(cfg, run=run if run is not None else "auto")
         self.reranker = self.rec.reranker()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -102,7 +102,7 @@ class BatchReranker:
         from retrieval import Candidate, Query
 
         data, cat = self.rec.dataset, self.rec.dataset.catalog
-        ratings = None
+        ratings, client = None, 0
         if row.history is not None:
             history = [cat.index_of(i) for i in row.history]
             unknown = [i for i, idx in zip(row.history, history, strict=True) if idx is None]
@@ -111,15 +111,17 @@ class BatchReranker:
         else:
             user = data.user_index(row.user_id)
             history, ratings = data.sequences[user].tolist(), data.ratings[user]
+            client = int(self.rec.client_of[user])
         profile = self.rec.text_profile(history, ratings)
+        query = Query(tuple(history), profile, client)
         if row.candidates is None:
-            found = self.rec.retriever.retrieve(Query(tuple(history), profile), self.rec.cfg.retrieval.num_candidates)
+            found = self.rec.retriever.retrieve(query, self.rec.cfg.retrieval.num_candidates)
         else:
             idx = [cat.index_of(i) for i in row.candidates]
             unknown = [i for i, j in zip(row.candidates, idx, strict=True) if j is None]
             if unknown:
                 raise ValueError(f"candidates has item ids not in the catalogue: {unknown[:5]}")
-            scores = self.rec.retriever.query_vectors([Query(tuple(history), profile)])[0] @ self.rec.item_vectors[idx].T
+            scores = self.rec.retriever.score_items(query, idx)
             found = [Candidate(int(i), float(s)) for i, s in zip(idx, scores, strict=True)]
         from prompts import labels_for
 
@@ -195,9 +197,12 @@ def _truncate(path: Path, size: int) -> None:
 
 def run_job(
     cfg: FedrecConfig, input_path: Path, output_path: Path, *, errors_path: Path | None = None, batch_size: int = 16,
-    progress: bool = False,
+    progress: bool = False, run: Path | None = None,
 ) -> Summary:
     """Rerank every request in `input_path`, resuming a previous run of the same job.
+
+    Candidates come from `run` (a `fedrec train` folder; default: the newest one for this config), else from
+    zero-shot text retrieval.
 
     Raises:
         FedrecError: the input is missing, or the output belongs to a different job.
@@ -212,6 +217,7 @@ def run_job(
     job = {
         "input": str(input_path.resolve()), "input_sha256": file_digest(input_path), "batch_size": batch_size,
         "config_sha256": hashlib.sha256(cfg.model_dump_json().encode()).hexdigest(),
+        "run": str(run) if run is not None else "auto",
     }
     state = {"chunks_done": 0, "output_bytes": 0, "errors_bytes": 0, "ok": 0, "failed": 0}
     if progress_path.is_file():
@@ -237,7 +243,7 @@ def run_job(
         for index, chunk in enumerate(_chunks(input_path, batch_size)):
             if index < state["chunks_done"]:
                 continue
-            worker = worker or BatchReranker(cfg)
+            worker = worker or BatchReranker(cfg, run)
             results, errors = worker.process(chunk)
             state["output_bytes"] = _append(output_path, [json.dumps(r, ensure_ascii=False) for r in results])
             state["errors_bytes"] = _append(errors_path, [json.dumps(e, ensure_ascii=False) for e in errors])
@@ -253,7 +259,8 @@ def run_job(
     return summary
 
 
-def run_ray(cfg: FedrecConfig, input_path: Path, output_dir: Path, *, batch_size: int = 16, concurrency: int = 1) -> None:
+def run_ray(cfg: FedrecConfig, input_path: Path, output_dir: Path, *, batch_size: int = 16, concurrency: int = 1,
+            run: Path | None = None) -> None:
     """The same reranker under Ray Data's `map_batches`, for jobs larger than one machine (not resumable)."""
     try:
         import ray.data
@@ -262,7 +269,7 @@ def run_ray(cfg: FedrecConfig, input_path: Path, output_dir: Path, *, batch_size
     lines = [(n, t) for chunk in _chunks(input_path, batch_size) for n, t in chunk]
     dataset = ray.data.from_items([{"line": n, "text": t} for n, t in lines])
     out = dataset.map_batches(
-        BatchReranker, fn_constructor_kwargs={"config": cfg.model_dump(mode="json")}, batch_size=batch_size,
+        BatchReranker, fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "run": str(run) if run else None}, batch_size=batch_size,
         concurrency=concurrency, batch_format="numpy",
     )
     out.write_json(str(output_dir))

@@ -13,6 +13,7 @@ import numpy as np
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -31,17 +32,24 @@ console = Console()
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/*.yaml); defaults when omitted.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set retrieval.query=profile (repeatable).")]
 SplitOpt = Annotated[str, typer.Option("--split", help="Which held-out item the history stops before: valid or test.")]
+RunOpt = Annotated[Path | None, typer.Option("--run", help="A `fedrec train` run folder to serve (default: the newest run made for this dataset and tower).")]
 
 
 def _config(config: Path | None, overrides: list[str] | None) -> FedrecConfig:
     return load_config(config, overrides or [])
 
 
-def _recommender(cfg: FedrecConfig):  # noqa: ANN202 - pipeline.recommender.Recommender
+def _recommender(cfg: FedrecConfig, run: Path | None = None, *, serving: bool = False):  # noqa: ANN202 - pipeline.recommender.Recommender
+    """The recommender; `serving`: load the run (`run`, else the newest matching one) and say where candidates come from."""
     from pipeline.recommender import Recommender
 
     with console.status(f"loading {cfg.data.name}"):
-        return Recommender.from_config(cfg, progress=True)
+        rec = Recommender.from_config(cfg, progress=True, run=run if run is not None else "auto")
+    if serving:
+        with console.status("loading the trained run"):
+            source = rec.retrieval_source
+        console.print(f"[dim]retrieval:[/dim] {escape(source)}", highlight=False)
+    return rec
 
 
 def _check_split(split: str) -> str:
@@ -135,10 +143,11 @@ def recommend(
     split: SplitOpt = "test",
     rerank: Annotated[bool, typer.Option("--rerank/--no-rerank", help="Rerank the retrieved candidates with the LLM.")] = False,
     explain: Annotated[bool, typer.Option("--explain/--no-explain", help="Generate a short explanation (with --rerank).")] = False,
+    run: RunOpt = None,
 ) -> None:
-    """Print a user's text profile and top-k recommendations."""
+    """Print a user's text profile and top-k recommendations (trained tower → the user's client FAISS index → LLM)."""
     cfg = _config(config, overrides)
-    rec = _recommender(cfg)
+    rec = _recommender(cfg, run, serving=True)
     user_index = rec.dataset.user_index(user)
     _show_user(rec, user_index, k, _check_split(split), rerank=rerank, explain=explain)
 
@@ -202,11 +211,11 @@ def render_report(report: dict) -> list[Table]:
     return tables
 
 
-def _run_evaluation(cfg: FedrecConfig, stage: str, output: Path | None) -> dict:
+def _run_evaluation(cfg: FedrecConfig, stage: str, output: Path | None, run: Path | None = None, rec=None) -> dict:  # noqa: ANN001
     from pipeline.evaluate import evaluate_recommender
     from pipeline.io import write_json
 
-    rec = _recommender(cfg)
+    rec = rec if rec is not None else _recommender(cfg, run, serving=True)
     if "text" in cfg.eval.baselines:
         rec.index  # noqa: B018 - embeds items (progress bar) before the evaluation bars start
     report = evaluate_recommender(rec, stage=stage, progress=True)
@@ -225,24 +234,28 @@ def train(
     engine: Annotated[str | None, typer.Option(help="inprocess (no Ray), simulation (Flower Simulation Engine) or deployment.")] = None,
     resume: Annotated[bool, typer.Option("--resume/--restart", help="Continue from the last checkpoint of this configuration.")] = False,
 ) -> None:
-    """Federated training of the retrieval tower with Flower; checkpoints after every round."""
+    """Federated training of the retrieval tower with Flower; checkpoints every round, keeps the best, writes the run folder."""
     from federation.runner import train as run_training
+    from pipeline.trained import run_dir
 
     cfg = _config(config, (overrides or []) + ([f"federation.engine={engine}"] if engine else []))
     rec = _recommender(cfg)
     rec.item_vectors  # noqa: B018 - embeds (or loads) before the rounds start
     results = run_training(rec, resume=resume, progress=True)
-    table = Table(title=f"federated training: {results['clients']} clients, {results['rounds']} rounds ({results['engine']})",
+    table = Table(title=f"federated training: {results['clients']} clients, {results['rounds']} rounds ({results['engine']}), "
+                        f"best round {results['best_round']}",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for column in ("round", "accepted", "rejected", "loss", "valid R@10", "valid N@10", "up KiB", "ε"):
+    for column in ("round", "accepted", "rejected", "loss", "valid R@10", "valid N@10", "up KiB", "s", "ε"):
         table.add_column(column, justify="right")
     for h in results["history"]:
         table.add_row(str(h["round"]), str(h["accepted"]), str(len(h["rejected"])), f"{h.get('train_loss', float('nan')):.3f}",
                       _number(h["valid"]["R@10"]), _number(h["valid"]["N@10"]), f"{h['bytes_up'] / 1024:,.0f}",
-                      f"{h['epsilon']:.2f}" if "epsilon" in h else "—")
+                      f"{h.get('seconds', 0):.1f}", f"{h['epsilon']:.2f}" if "epsilon" in h else "—")
     console.print(table)
     test = results["test"]
-    console.print(f"test: R@10 {test['R@10']:.4f}  N@10 {test['N@10']:.4f}  R@20 {test['R@20']:.4f}  MRR {test['MRR']:.4f}")
+    console.print(f"test (best round, through the client FAISS indices): R@10 {test['R@10']:.4f}  N@10 {test['N@10']:.4f}  "
+                  f"R@20 {test.get('R@20', float('nan')):.4f}  MRR {test['MRR']:.4f}")
+    console.print(f"run folder: {escape(str(run_dir(rec)))} (serve it with `fedrec recommend|evaluate|serve --run …`)", highlight=False)
 
 
 @app.command("rerank")
@@ -254,18 +267,19 @@ def rerank_job(
     errors_path: Annotated[Path | None, typer.Option("--errors", help="Bad rows with line numbers (default: <output>.errors.jsonl).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Requests per LLM batch and per checkpoint.")] = 16,
     engine: Annotated[str, typer.Option(help="local (resumable) or ray (Ray Data map_batches; output is a folder).")] = "local",
+    run: RunOpt = None,
 ) -> None:
     """Batch offline reranking of JSONL requests."""
     from pipeline.batch import run_job, run_ray
 
     cfg = _config(config, overrides)
     if engine == "ray":
-        run_ray(cfg, input_path, output_path, batch_size=batch_size)
+        run_ray(cfg, input_path, output_path, batch_size=batch_size, run=run)
         console.print(f"[green]wrote[/green] {output_path}/")
         return
     if engine != "local":
         raise FedrecError(f"--engine must be local or ray, got {engine!r}")
-    summary = run_job(cfg, input_path, output_path, errors_path=errors_path, batch_size=batch_size, progress=True)
+    summary = run_job(cfg, input_path, output_path, errors_path=errors_path, batch_size=batch_size, progress=True, run=run)
     console.print(
         f"rows ok {summary.ok:,}, failed {summary.failed:,}, skipped (already done) {summary.skipped:,}; "
         f"{summary.rows_per_s:.1f} rows/s over {summary.seconds:.1f} s → {output_path}"
@@ -278,9 +292,10 @@ def evaluate(
     overrides: SetOpt = None,
     stage: Annotated[str, typer.Option(help="Pipeline stage to evaluate: retrieval or rerank.")] = "retrieval",
     output: Annotated[Path | None, typer.Option(help="JSON report path (default: <output_dir>/eval-<dataset>-<stage>.json).")] = None,
+    run: RunOpt = None,
 ) -> None:
-    """Full-ranking evaluation (Recall/NDCG@k, MRR, sampled HR/NDCG@10) of baselines and the pipeline."""
-    _run_evaluation(_config(config, overrides), stage, output)
+    """Full-ranking evaluation (Recall/NDCG@k, MRR, sampled HR/NDCG@10) of baselines and the served pipeline (through FAISS)."""
+    _run_evaluation(_config(config, overrides), stage, output, run)
 
 
 @app.command()
@@ -318,7 +333,7 @@ def serve(
     overrides: SetOpt = None,
     host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1 keeps the page local; 0.0.0.0 exposes it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
-    run: Annotated[Path | None, typer.Option(help="A `fedrec train` output folder whose soft prompt and curves to show (default: newest).")] = None,
+    run: RunOpt = None,
     timeout: Annotated[float, typer.Option(min=1, help="Seconds one request may wait for the LLM before a 503.")] = 120.0,
     max_queue: Annotated[int, typer.Option(min=1, help="Requests admitted at once; more get a 503 'busy'.")] = 32,
 ) -> None:
@@ -327,16 +342,14 @@ def serve(
         from pipeline.serve import serve as start
     except ImportError as exc:
         raise ImportError(f"fedrec serve needs the serve extra: pip install -e '.[serve]' ({exc})") from None
-    if run is not None and not (run / "results.json").is_file():
-        raise FedrecError(f"--run {run}: no results.json there; pass a folder written by `fedrec train` (under output_dir)")
     cfg = _config(config, overrides)
-    rec = _recommender(cfg)
+    rec = _recommender(cfg, run, serving=True)
     with console.status("building the item index"):
         rec.index  # noqa: B018
     with console.status(f"loading the LLM ({cfg.llm.model})"):
         rec.backend  # noqa: B018
     console.print(f"fedrec demo on [bold]http://{host}:{port}/[/bold] ({rec.dataset.name}, {rec.backend.describe()}); Ctrl+C stops it")
-    start(rec, host=host, port=port, run=run, timeout_s=timeout, max_queue=max_queue)
+    start(rec, host=host, port=port, timeout_s=timeout, max_queue=max_queue)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from pipeline.errors import ConfigError
+from retrieval.config import TowerConfig
 
 DatasetName = Literal["ml-100k", "ml-latest-small", "ml-1m", "ml-10m", "ml-25m", "ml-32m", "custom"]
 DataFormat = Literal["auto", "ml-100k", "movielens-csv", "movielens-dat", "recbole", "interactions"]
@@ -192,17 +193,17 @@ class RerankConfig(_Section):
 
 class FederationConfig(_Section):
     rounds: int = Field(default=10, ge=1)
-    """Federated rounds."""
+    """Most federated rounds (training may stop earlier, see patience)."""
     clients_per_round: int | None = Field(default=None, ge=1)
     """Clients sampled each round (None = all)."""
     min_clients: int = Field(default=1, ge=1)
     """A round aggregates what arrived if at least this many valid updates did; otherwise the state is kept."""
     local_epochs: int = Field(default=1, ge=1)
-    """Passes over each client's local windows per round."""
-    lr: float = Field(default=1e-3, gt=0)
-    """Client learning rate (Adam)."""
-    batch_size: int = Field(default=64, ge=1)
-    """Windows per local step."""
+    """Passes over each client's local windows per round (ignored when local_steps is set)."""
+    local_steps: int | None = Field(default=None, ge=1)
+    """Optimiser steps per client per round, whatever its data size (None = local_epochs passes)."""
+    patience: int | None = Field(default=10, ge=1)
+    """Stop after this many rounds without a better validation R@10; the best round is what the run keeps (None = run every round)."""
     aggregator: Literal["fedavg", "trimmed_mean", "median"] = "fedavg"
     """How valid updates are combined."""
     trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)
@@ -221,18 +222,6 @@ class FederationConfig(_Section):
     """Central DP: Gaussian noise std as a multiple of dp_clip, on the sum of updates."""
     dp_delta: float = Field(default=1e-5, gt=0, lt=1)
     """δ at which ε is reported."""
-    soft_prompt: bool = False
-    """Also train the LLM soft prompt and the item-token projector (rerank.v2 prompts) on each client, in-process backend only."""
-    soft_prompt_tokens: int = Field(default=20, ge=0)
-    """Virtual tokens in the soft prompt."""
-    soft_prompt_lr: float = Field(default=1e-2, gt=0)
-    """Client learning rate for the soft prompt and projector."""
-    soft_prompt_batch_size: int = Field(default=8, ge=1)
-    """Prompts per soft-prompt training step."""
-    soft_prompt_users: int | None = Field(default=None, ge=1)
-    """At most this many of a client's users train the soft prompt per round, drawn afresh each round (None = all)."""
-    personal_tokens: int = Field(default=0, ge=0)
-    """Personal virtual tokens per client, put before the soft prompt, trained locally and never sent (0 = none)."""
     secagg: bool = False
     """Aggregate with SecAgg+ (the server sees only the weighted mean; no per-update validation, robust rules or central DP)."""
     secagg_num_shares: int = Field(default=3, ge=2)
@@ -243,12 +232,6 @@ class FederationConfig(_Section):
     """SecAgg+ clips scaled values to ±this before quantising."""
     secagg_quantization_range: int = Field(default=2**22, ge=2)
     """SecAgg+ quantisation levels (error ≈ 2·clip/levels per client)."""
-    tower_dim: int = Field(default=64, ge=4)
-    """Retrieval tower width."""
-    tower_max_len: int = Field(default=50, ge=2)
-    """History items the tower encodes."""
-    tower_layers: int = Field(default=2, ge=1)
-    """Self-attention layers in the history encoder."""
     engine: Literal["inprocess", "simulation", "deployment"] = "inprocess"
     """Flower engine: in-process grid (no Ray), Simulation Engine (Ray), or Deployment Engine (SuperLink/SuperNodes)."""
     seed: int = 0
@@ -256,8 +239,6 @@ class FederationConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
-        if self.personal_tokens and not self.soft_prompt:
-            raise ValueError("federation.personal_tokens > 0 needs federation.soft_prompt=true (they are extra soft-prompt tokens)")
         if self.dp_noise_multiplier > 0 and self.dp_clip is None:
             raise ValueError("federation.dp_noise_multiplier > 0 needs federation.dp_clip (the per-client L2 bound)")
         if self.secagg and (self.dp_clip is not None or self.aggregator != "fedavg" or self.max_update_norm is not None
@@ -268,6 +249,27 @@ class FederationConfig(_Section):
             )
         if self.secagg_threshold > self.secagg_num_shares:
             raise ValueError(f"federation.secagg_threshold={self.secagg_threshold} exceeds secagg_num_shares={self.secagg_num_shares}")
+        return self
+
+
+class SoftPromptConfig(_Section):
+    enabled: bool = False
+    """Also train the LLM soft prompt and the item-token projector (rerank.v2 prompts) on each client, in-process backend only."""
+    tokens: int = Field(default=20, ge=0)
+    """Virtual tokens in the soft prompt."""
+    lr: float = Field(default=1e-2, gt=0)
+    """Client learning rate for the soft prompt and projector."""
+    batch_size: int = Field(default=8, ge=1)
+    """Prompts per soft-prompt training step."""
+    users: int | None = Field(default=None, ge=1)
+    """At most this many of a client's users train the soft prompt per round, drawn afresh each round (None = all)."""
+    personal_tokens: int = Field(default=0, ge=0)
+    """Personal virtual tokens per client, put before the soft prompt, trained locally and never sent (0 = none)."""
+
+    @model_validator(mode="after")
+    def _personal_needs_prompt(self) -> SoftPromptConfig:
+        if self.personal_tokens and not self.enabled:
+            raise ValueError("soft_prompt.personal_tokens > 0 needs soft_prompt.enabled=true (they are extra soft-prompt tokens)")
         return self
 
 
@@ -312,6 +314,10 @@ class FedrecConfig(_Section):
     """LLM backend."""
     rerank: RerankConfig = RerankConfig()
     """LLM reranking."""
+    tower: TowerConfig = TowerConfig()
+    """Retrieval tower: shape and training recipe."""
+    soft_prompt: SoftPromptConfig = SoftPromptConfig()
+    """LLM soft prompt and item-token projector."""
     federation: FederationConfig = FederationConfig()
     """Federated training."""
     eval: EvalConfig = EvalConfig()

@@ -253,8 +253,11 @@ def evaluate_recommender(rec: Recommender, *, stage: str = "retrieval", progress
                 elif name == "random":
                     scorers.append((RandomScorer(data.n_items, cfg.seed), None))
                 elif name == "text":
-                    scorer = FunctionScorer(f"text:{rec.cfg.retrieval.query}", lambda u, h, s=split_name: rec.score_users(u, s))
+                    scorer = FunctionScorer(f"text:{rec.cfg.retrieval.query}", lambda u, h, s=split_name: rec.text_scores(u, s))
                     scorers.append((scorer, rec.cfg.retrieval.num_candidates))
+            if rec.trained is not None:
+                scorer = FunctionScorer(f"tower (run, round {rec.trained.best_round})", lambda u, h, s=split_name: rec.score_users(u, s))
+                scorers.append((scorer, rec.cfg.retrieval.num_candidates))
             for scorer, ceiling in scorers:
                 task = bar.add_task(f"{split_name}: {scorer.name}", total=len(users))
                 result = evaluate_scorer(
@@ -276,6 +279,7 @@ def _report(rec: Recommender, users: np.ndarray, stage: str, rows: list[dict], *
         "sampled_track": f"1 positive + {cfg.sampled_negatives} sampled unseen negatives (seed {cfg.seed})",
         "tie_rule": TIE_RULE,
         "stage": stage,
+        "retrieval": rec.retrieval_source,
         "rows": rows,
         **extra,
     }

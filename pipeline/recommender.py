@@ -1,4 +1,9 @@
-"""The end-to-end recommender: text profile → local FAISS index → ranked items."""
+"""The end-to-end recommender: history → tower query → the client's local FAISS index → (LLM rerank) → ranked items.
+
+With a trained run (`fedrec train`), retrieval is the run's tower over each client's local index of
+the tower's item embeddings, and reranking uses the run's soft prompt when it has one. With no run,
+retrieval falls back to zero-shot text embeddings and says so (`retrieval_source`).
+"""
 
 from __future__ import annotations
 
@@ -15,15 +20,16 @@ import numpy as np
 
 from pipeline.config import FedrecConfig
 from pipeline.data import Dataset, load_dataset, partition_users
-from pipeline.data.dataset import SplitName
+from pipeline.data.dataset import SplitName, plain_scalar
 from pipeline.profile import build_profile
-from retrieval import Candidate, EmbeddingRetriever, ItemIndex, Query, TextEmbedder
+from retrieval import Candidate, EmbeddingRetriever, ItemIndex, Query, Retriever, TextEmbedder, TowerRetriever
 
 if TYPE_CHECKING:
     import torch
 
     from pipeline.llm.base import LLMBackend
     from pipeline.rerank import Reranker, RerankRequest
+    from pipeline.trained import TrainedRun
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +51,58 @@ class Recommendation:
 class Recommender:
     """Holds the dataset, the item embeddings and the index; answers per-user queries.
 
-    Build it with `Recommender.from_config`; heavy parts (embedder, item vectors, index) load on
+    Build it with `Recommender.from_config`; heavy parts (embedder, item vectors, index, run) load on
     first use and come from the cache when their inputs have not changed.
+
+    Args:
+        run: a `fedrec train` folder to serve, `"auto"` for the newest run made for this dataset, tower and LLM
+            (zero-shot text retrieval when there is none), or None for zero-shot text retrieval.
     """
 
-    def __init__(self, cfg: FedrecConfig, dataset: Dataset, *, progress: bool = False) -> None:
+    def __init__(self, cfg: FedrecConfig, dataset: Dataset, *, progress: bool = False, run: Path | str | None = "auto") -> None:
         self.cfg = cfg
         self.dataset = dataset
         self.progress = progress
         self.cache_dir = cfg.resolved_cache_dir()
+        self.run_spec = run
         self._warned_untuned = False
 
     @classmethod
-    def from_config(cls, cfg: FedrecConfig, *, progress: bool = False) -> Recommender:
+    def from_config(cls, cfg: FedrecConfig, *, progress: bool = False, run: Path | str | None = "auto") -> Recommender:
         """Load the dataset named by `cfg` (nothing heavy yet)."""
-        return cls(cfg, load_dataset(cfg.data, cfg.resolved_cache_dir()), progress=progress)
+        return cls(cfg, load_dataset(cfg.data, cfg.resolved_cache_dir()), progress=progress, run=run)
+
+    @cached_property
+    def trained(self) -> TrainedRun | None:
+        """The run this recommender serves (see `run`), checked against the config; None = zero-shot text retrieval."""
+        from pipeline.trained import find_run, load_trained
+
+        if self.run_spec is None:
+            return None
+        folder = find_run(self) if self.run_spec == "auto" else Path(self.run_spec)
+        return load_trained(folder, self) if folder is not None else None
+
+    def with_run(self, run: TrainedRun) -> Recommender:
+        """This recommender (same dataset and caches) serving `run`."""
+        served = Recommender(self.cfg, self.dataset, progress=self.progress, run=run.folder)
+        served.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("split", "embedder", "item_texts", "item_vectors", "backend")})
+        served.trained = run
+        return served
+
+    @property
+    def retrieval_source(self) -> str:
+        """Where candidates come from, in words (shown by every entry point)."""
+        if self.trained is not None:
+            return self.trained.describe()
+        return "zero-shot text retrieval (no trained run for this dataset and tower; `fedrec train` makes one)"
+
+    @cached_property
+    def client_of(self) -> np.ndarray:
+        """`(n_users,)` the client (partition) holding each user."""
+        owner = np.zeros(self.dataset.n_users, dtype=np.int64)
+        for client, users in enumerate(partition_users(self.dataset, self.split.train(), self.cfg.partition)):
+            owner[users] = client
+        return owner
 
     @cached_property
     def split(self):  # noqa: ANN201 - pipeline.data.Split
@@ -125,7 +168,15 @@ class Recommender:
         return paths
 
     @cached_property
-    def retriever(self) -> EmbeddingRetriever:
+    def retriever(self) -> Retriever:
+        """The run's tower over each client's local index, or zero-shot text retrieval without a run."""
+        if self.trained is None:
+            return self.text_retriever
+        return TowerRetriever(self.trained.tower.encode, self.trained.item_embeddings, self.trained.index, fallback=self.text_retriever)
+
+    @cached_property
+    def text_retriever(self) -> EmbeddingRetriever:
+        """Zero-shot retrieval over MiniLM item-text vectors (the baseline, and the fallback for an empty history)."""
         r = self.cfg.retrieval
         return EmbeddingRetriever(
             self.index, self.item_vectors, self.embedder.encode, mode=r.query,
@@ -141,14 +192,22 @@ class Recommender:
         """The text profile of any history (item indices, oldest first), bounded in the embedder's tokens."""
         return build_profile(history, self.dataset.catalog, self.cfg.profile, ratings=ratings, count_tokens=self.embedder.count_tokens)
 
-    def queries(self, users: np.ndarray, split: SplitName = "test") -> list[Query]:
+    def queries(self, users: np.ndarray, split: SplitName = "test", *, text: bool = False) -> list[Query]:
+        """Each user's query for its own client; `text`: with the profile the text retriever needs."""
         histories = self.split.histories(split)
-        needs_profile = self.cfg.retrieval.query != "history"
-        return [Query(tuple(histories[u].tolist()), self.profile(u, split) if needs_profile else None) for u in users]
+        needs_profile = (text or self.trained is None) and self.cfg.retrieval.query != "history"
+        return [Query(tuple(histories[u].tolist()), self.profile(u, split) if needs_profile else None, int(self.client_of[u]))
+                for u in users]
 
     def score_users(self, users: np.ndarray, split: SplitName = "test") -> np.ndarray:
-        """`(len(users), n_items)` exact retrieval scores, for full-ranking evaluation."""
-        return self.retriever.score_all(self.queries(users, split))
+        """`(len(users), n_items)` scores of the serving retriever for full-ranking evaluation (through FAISS with a run)."""
+        if isinstance(self.retriever, TowerRetriever):
+            return self.retriever.score_all(self.queries(users, split), self.dataset.n_items)
+        return self.text_scores(users, split)
+
+    def text_scores(self, users: np.ndarray, split: SplitName = "test") -> np.ndarray:
+        """`(len(users), n_items)` exact zero-shot text retrieval scores."""
+        return self.text_retriever.score_all(self.queries(users, split, text=True))
 
     def candidates(self, users: np.ndarray, split: SplitName = "test") -> list[list[Candidate]]:
         """Top `retrieval.num_candidates` unseen items per user from the local index."""
@@ -173,7 +232,8 @@ class Recommender:
 
     def fusion_key(self) -> str:
         """Hash of everything a tuned fusion weight depends on."""
-        parts = [self.index_key(), self.cfg.llm.model, self.cfg.llm.dtype, self.cfg.rerank.model_dump_json(exclude={"fusion_weight"}),
+        run = self.trained.manifest.get("files", {}).get("best.npz") if self.trained is not None else None
+        parts = [self.index_key(), run, self.cfg.llm.model, self.cfg.llm.dtype, self.cfg.rerank.model_dump_json(exclude={"fusion_weight"}),
                  self.cfg.retrieval.model_dump_json(), self.cfg.profile.model_dump_json()]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
@@ -191,14 +251,17 @@ class Recommender:
             self._warned_untuned = True
         return 1.0
 
-    def reranker(self, *, soft_prompt: torch.Tensor | None = None, fusion_weight: float | None = None) -> Reranker:
-        """The configured reranker over this recommender's catalogue and backend."""
+    def reranker(self, *, soft_prompt: torch.Tensor | None = None, fusion_weight: float | None = None, trained: bool = True) -> Reranker:
+        """The configured reranker over this recommender's catalogue and backend: with the run's soft prompt and item
+        tokens when the run has them (and `trained`), else the zero-shot prompt (or the given `soft_prompt`)."""
         from pipeline.rerank import ListwiseReranker, PromptBuilder, VerbalizerReranker
 
         builder = PromptBuilder(self.backend, self.dataset.catalog, self.cfg.rerank)
         if self.cfg.rerank.method == "listwise":
             return ListwiseReranker(self.backend, builder)
         weight = self.fusion_weight() if fusion_weight is None else fusion_weight
+        if trained and soft_prompt is None and self.trained is not None and self.trained.has_soft_prompt:
+            return self.trained.reranker(self, fusion_weight=weight)
         return VerbalizerReranker(self.backend, builder, fusion_weight=weight, soft_prompt=soft_prompt)
 
     def recommend(self, user_id: object, k: int = 10, split: SplitName = "test", *, rerank: bool = False) -> list[Recommendation]:
@@ -207,10 +270,10 @@ class Recommender:
         cat = self.dataset.catalog
         if not rerank:
             found = self.retriever.retrieve(self.queries(user, split)[0], k)
-            return [Recommendation(r + 1, cat.item_ids[c.item].item(), cat.label(c.item), c.score) for r, c in enumerate(found)]
+            return [Recommendation(r + 1, plain_scalar(cat.item_ids[c.item]), cat.label(c.item), c.score) for r, c in enumerate(found)]
         ranked = self.reranker().rerank(self.rerank_requests(user, split)[0])[:k]
         return [
-            Recommendation(r + 1, cat.item_ids[x.item].item(), cat.label(x.item), x.score, x.retrieval_rank + 1, x.llm_score)
+            Recommendation(r + 1, plain_scalar(cat.item_ids[x.item]), cat.label(x.item), x.score, x.retrieval_rank + 1, x.llm_score)
             for r, x in enumerate(ranked)
         ]
 

@@ -27,7 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.dataset import plain_scalar
-from pipeline.errors import DataError
+from pipeline.errors import DataError, FedrecError
 from pipeline.llm.base import LLMError
 from pipeline.recommender import Recommender
 
@@ -93,6 +93,8 @@ class Status(BaseModel):
     index_size: int
     model: str
     backend: str
+    retrieval: str
+    """Where candidates come from: the trained run's tower over the client's FAISS index, or the zero-shot text fallback."""
     soft_prompt: dict[str, Any]
     queue: dict[str, int]
 
@@ -114,16 +116,15 @@ class Unavailable(Exception):
 
 
 class Demo:
-    """What the app serves: one recommender and, optionally, a federated training run (its soft prompt and curves).
+    """What the app serves: one recommender and the trained run it serves, if any (tower, soft prompt and curves).
 
     Args:
-        rec: the recommender (dataset, index, LLM backend).
-        run: a `fedrec train` output folder (checkpoint.npz + results.json); None = the newest one for this dataset, if any.
+        rec: the recommender (dataset, its trained run or the zero-shot fallback, LLM backend).
         timeout_s: longest wait for one request's model work.
         max_queue: requests admitted at once (running + waiting); more get 503.
     """
 
-    def __init__(self, rec: Recommender, run: Path | None = None, *, timeout_s: float = 120.0, max_queue: int = 32) -> None:
+    def __init__(self, rec: Recommender, *, timeout_s: float = 120.0, max_queue: int = 32) -> None:
         self.rec = rec
         self.timeout_s = timeout_s
         self.max_queue = max_queue
@@ -134,22 +135,15 @@ class Demo:
         # against a server, up to llm.concurrency requests are in flight.
         in_process = rec.cfg.llm.backend == "transformers"
         self.pool = ThreadPoolExecutor(max_workers=1 if in_process else max(1, rec.cfg.llm.concurrency), thread_name_prefix="fedrec-serve")
-        self.run = run if run is not None else self._newest_run()
+        self.run = rec.trained.folder if rec.trained is not None else None
         self._trained: Any = None
         self._trained_reason: str | None = None
         self._zero_shot_reranker: Any = None
         self._load_lock = threading.Lock()
 
     # --- setup -------------------------------------------------------------------------------------
-    def _newest_run(self) -> Path | None:
-        root = self.rec.cfg.output_dir
-        runs = sorted(root.glob(f"train-{self.rec.dataset.name}-*/results.json"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
-        return runs[-1].parent if runs else None
-
     def run_results(self) -> dict[str, Any] | None:
-        if self.run is None or not (self.run / "results.json").is_file():
-            return None
-        return json.loads((self.run / "results.json").read_text(encoding="utf-8"))
+        return self.rec.trained.results if self.rec.trained is not None else None
 
     def trained(self):  # noqa: ANN201 - (reranker factory, round) or None
         """The run's soft prompt as a reranker factory, loaded once; None with `_trained_reason` when unavailable."""
@@ -159,29 +153,20 @@ class Demo:
             return self._trained
 
     def _load_trained(self) -> None:
-        from federation import checkpoint
-        from federation.runner import trained_reranker
-        from pipeline.config import FederationConfig
-
-        results = self.run_results()
-        if results is None:
-            self._trained_reason = "no federated run found (train one with `fedrec train --set federation.soft_prompt=true`)"
+        run = self.rec.trained
+        if run is None:
+            self._trained_reason = "no trained run found (train one with `fedrec train --set soft_prompt.enabled=true`)"
             return
-        fed = FederationConfig.model_validate(results["federation"])
-        if not fed.soft_prompt:
-            self._trained_reason = f"the run in {self.run} trained no soft prompt (federation.soft_prompt=false)"
+        if not run.has_soft_prompt:
+            self._trained_reason = f"the run in {run.folder} trained no soft prompt (soft_prompt.enabled=false)"
             return
         try:
-            server = checkpoint.load(self.run / "checkpoint.npz")
-            state = server.state
-            if state["soft/prompt"].shape[1] != self.rec.backend.hidden_size:
-                raise ValueError(f"its soft prompt is {state['soft/prompt'].shape[1]} wide, the LLM {self.rec.backend.hidden_size}")
-            reranker = trained_reranker(self.rec, state, fed)
-        except Exception as exc:  # noqa: BLE001 - any reason the run cannot be used is reported, the page still works
-            self._trained_reason = f"the run in {self.run} cannot be used: {exc}"
+            reranker = run.reranker(self.rec)
+        except (FedrecError, ValueError, KeyError, RuntimeError) as exc:  # any reason the prompt cannot be used is reported; the page still works
+            self._trained_reason = f"the run in {run.folder} cannot be used: {exc}"
             log.warning("%s", self._trained_reason)
             return
-        self._trained = (lambda weight: _with_weight(reranker, weight), server.round)
+        self._trained = (lambda weight: _with_weight(reranker, weight), run.best_round)
 
     def _zero_shot(self, weight: float):  # noqa: ANN202 - Reranker
         with self._load_lock:
@@ -197,7 +182,7 @@ class Demo:
         return {
             "dataset": self.rec.dataset.name, "users": self.rec.dataset.n_users, "items": self.rec.dataset.n_items,
             "index_size": len(self.rec.index), "model": self.rec.cfg.llm.model, "backend": self.rec.backend.describe(),
-            "soft_prompt": soft, "queue": {"admitted": self._admitted, "max": self.max_queue},
+            "retrieval": self.rec.retrieval_source, "soft_prompt": soft, "queue": {"admitted": self._admitted, "max": self.max_queue},
         }
 
     def search(self, query: str, limit: int) -> list[dict[str, Any]]:
@@ -229,8 +214,9 @@ class Demo:
     def _item(self, i: int) -> dict[str, Any]:
         return {"item_id": plain_scalar(self.rec.dataset.catalog.item_ids[i]), "title": self.rec.dataset.catalog.label(i)}
 
-    def history_of(self, request: RecommendRequest) -> tuple[np.ndarray, np.ndarray]:
-        """(item indices, ratings) of the request's user or ad-hoc history; errors name the field and the fix."""
+    def history_of(self, request: RecommendRequest) -> tuple[np.ndarray, np.ndarray, int]:
+        """(item indices, ratings, client) of the request's user or ad-hoc history (client 0 answers ad-hoc ones);
+        errors name the field and the fix."""
         if (request.user_id is None) == (request.history is None):
             raise BadInput("give exactly one of `user_id` (an existing user) or `history` (a list of {item_id, rating})")
         if request.user_id is not None:
@@ -239,7 +225,7 @@ class Demo:
             except DataError as exc:
                 raise NotFound(f"user_id: {exc}") from None
             history = self.rec.split.histories("test")[user]
-            return history, self.rec.dataset.ratings[user][: len(history)]
+            return history, self.rec.dataset.ratings[user][: len(history)], int(self.rec.client_of[user])
         assert request.history is not None
         if not request.history:
             raise BadInput("`history` is empty: add at least one liked item (search with /api/items?q=…)")
@@ -249,7 +235,7 @@ class Demo:
         if unknown:
             raise BadInput(f"`history` has item ids not in {self.rec.dataset.name}: {unknown[:10]}; find ids with /api/items?q=…")
         ratings = np.array([np.nan if h.rating is None else h.rating for h in request.history], dtype=np.float64)
-        return np.array(found, dtype=np.int64), ratings
+        return np.array(found, dtype=np.int64), ratings, 0
 
     def recommend(self, request: RecommendRequest) -> dict[str, Any]:
         """The whole pipeline for one history; runs on the worker pool."""
@@ -258,10 +244,10 @@ class Demo:
 
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        history, ratings = self.history_of(request)
+        history, ratings, client = self.history_of(request)
         with self._retrieval_lock:
             profile = self.rec.text_profile(history, ratings)
-            found = self.rec.retriever.retrieve(Query(tuple(history.tolist()), profile), self.rec.cfg.retrieval.num_candidates)
+            found = self.rec.retriever.retrieve(Query(tuple(history.tolist()), profile, client), self.rec.cfg.retrieval.num_candidates)
         timings["retrieve"] = (time.perf_counter() - start) * 1000
         trained = self.trained() if request.soft_prompt else None
         if request.soft_prompt and trained is None:
@@ -373,10 +359,9 @@ def create_app(demo: Demo) -> FastAPI:
     return app
 
 
-def serve(rec: Recommender, *, host: str = "127.0.0.1", port: int = 8000, run: Path | None = None, timeout_s: float = 120.0,
-          max_queue: int = 32) -> None:
+def serve(rec: Recommender, *, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 120.0, max_queue: int = 32) -> None:
     """Start uvicorn with the app (blocks)."""
     import uvicorn
 
-    demo = Demo(rec, run, timeout_s=timeout_s, max_queue=max_queue)
+    demo = Demo(rec, timeout_s=timeout_s, max_queue=max_queue)
     uvicorn.run(create_app(demo), host=host, port=port, log_level="warning")

@@ -2,6 +2,6 @@
 
 from retrieval.embed import TextEmbedder
 from retrieval.index import ItemIndex, brute_force
-from retrieval.retriever import Candidate, EmbeddingRetriever, Query, Retriever
+from retrieval.retriever import Candidate, EmbeddingRetriever, Query, Retriever, TowerRetriever
 
-__all__ = ["Candidate", "EmbeddingRetriever", "ItemIndex", "Query", "Retriever", "TextEmbedder", "brute_force"]
+__all__ = ["Candidate", "EmbeddingRetriever", "ItemIndex", "Query", "Retriever", "TextEmbedder", "TowerRetriever", "brute_force"]

@@ -22,6 +22,8 @@ class Query:
     """Item indices, oldest first; never returned as candidates."""
     profile: str | None = None
     """The user's text profile."""
+    client: int = 0
+    """Which client asks: its local index answers."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class Retriever(ABC):
     def retrieve_batch(self, queries: Sequence[Query], k: int) -> list[list[Candidate]]:
         """Top-k candidates for each query."""
         return [self.retrieve(q, k) for q in queries]
+
+    def score_items(self, query: Query, items: Sequence[int]) -> np.ndarray:
+        """`(len(items),)` retrieval scores of given items for one query (for caller-chosen candidates)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score given candidates")
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -118,6 +124,9 @@ class EmbeddingRetriever(Retriever):
         """`(n, n_items)` exact scores for full-ranking evaluation (history not masked)."""
         return self.query_vectors(queries) @ self.item_vectors.T
 
+    def score_items(self, query: Query, items: Sequence[int]) -> np.ndarray:
+        return self.query_vectors([query])[0] @ self.item_vectors[np.asarray(items, dtype=np.int64)].T
+
     def retrieve(self, query: Query, k: int) -> list[Candidate]:
         return self.retrieve_batch([query], k)[0]
 
@@ -127,3 +136,67 @@ class EmbeddingRetriever(Retriever):
             [Candidate(int(i), float(s)) for i, s in zip(row_ids, row_scores, strict=True) if i >= 0]
             for row_ids, row_scores in zip(ids, scores, strict=True)
         ]
+
+
+class TowerRetriever(Retriever):
+    """Retrieval with a trained tower: the history's tower query searched in the asking client's local FAISS index.
+
+    Args:
+        encode: histories → `(n, dim)` tower query vectors.
+        item_vectors: `(n_items, dim)` the tower's item embeddings (what the indices hold).
+        index_for: client id → that client's index over `item_vectors`.
+        fallback: answers queries with an empty history (the tower has nothing to encode), e.g. zero-shot text retrieval.
+    """
+
+    def __init__(self, encode: Callable[[list[Sequence[int]]], np.ndarray], item_vectors: np.ndarray,
+                 index_for: Callable[[int], ItemIndex], fallback: Retriever | None = None) -> None:
+        self.encode = encode
+        self.item_vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
+        self.index_for = index_for
+        self.fallback = fallback
+
+    def score_items(self, query: Query, items: Sequence[int]) -> np.ndarray:
+        if not len(query.history):
+            if self.fallback is None:
+                raise ValueError("an empty history has no tower query; give at least one item")
+            return self.fallback.score_items(query, items)
+        return self.encode([query.history])[0] @ self.item_vectors[np.asarray(items, dtype=np.int64)].T
+
+    def retrieve(self, query: Query, k: int) -> list[Candidate]:
+        return self.retrieve_batch([query], k)[0]
+
+    def search(self, queries: Sequence[Query], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(scores, ids)`, each `(n, k)`, from each query's client index; history excluded; -inf / -1 where unfilled."""
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        vectors = self.encode([q.history for q in queries]) if queries else None
+        for client in sorted({q.client for q in queries}):
+            rows = [i for i, q in enumerate(queries) if q.client == client]
+            s, i = self.index_for(client).search(vectors[rows], k, exclude=[queries[r].history for r in rows])
+            scores[rows], ids[rows] = s, i
+        return scores, ids
+
+    def retrieve_batch(self, queries: Sequence[Query], k: int) -> list[list[Candidate]]:
+        empty = [i for i, q in enumerate(queries) if not len(q.history)]
+        if empty and self.fallback is None:
+            raise ValueError(f"query {empty[0]} has an empty history and the tower has nothing to encode; give at least one item")
+        out: list[list[Candidate]] = [[] for _ in queries]
+        if empty:
+            assert self.fallback is not None
+            for row, found in zip(empty, self.fallback.retrieve_batch([queries[i] for i in empty], k), strict=True):
+                out[row] = found
+        rows = [i for i in range(len(queries)) if i not in set(empty)]
+        if rows:
+            scores, ids = self.search([queries[i] for i in rows], k)
+            for row, row_ids, row_scores in zip(rows, ids, scores, strict=True):
+                out[row] = [Candidate(int(i), float(s)) for i, s in zip(row_ids, row_scores, strict=True) if i >= 0]
+        return out
+
+    def score_all(self, queries: Sequence[Query], n_items: int) -> np.ndarray:
+        """`(n, n_items)` scores of every item through the FAISS search (k = all items), for full-ranking evaluation."""
+        scores, ids = self.search([Query(q.history, q.profile, q.client) for q in queries], n_items)
+        out = np.full((len(queries), n_items), -np.inf, dtype=np.float64)
+        rows = np.repeat(np.arange(len(queries)), n_items).reshape(len(queries), n_items)
+        filled = ids >= 0
+        out[rows[filled], ids[filled]] = scores[filled]
+        return out

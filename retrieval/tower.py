@@ -1,35 +1,42 @@
-"""The trainable retrieval tower: item embeddings from item text plus a learned residual, and a
-SASRec-style causal self-attention encoder over the recent history that produces the query.
+"""The trainable retrieval tower: item embeddings and a SASRec-style causal self-attention encoder
+over the recent history that produces the query.
 
-Trained with a softmax over the whole catalogue on local sliding windows (next-item prediction
-at every position). Its parameters, as named arrays, are what clients send as updates.
+Item side: the PCA projection of the frozen item-text embeddings plus a learned residual (the
+foundation-model start), or a random-init ID table (`tower.item_init=id`, the ablation). Inputs
+are scaled by √dim, positions are learned, and the same item table scores the output (shared
+input/output embedding). Training is full-softmax cross-entropy over the catalogue at every
+position of local windows, with AdamW.
+
+Attention is written out with `scaled_dot_product_attention` and an explicit mask in which every
+position may attend to itself, so a left-padded row never has an empty softmax. Training (with
+dropout 0) and inference run exactly the same code: PyTorch's `TransformerEncoder` fast path,
+taken in eval mode under `no_grad`, returned NaN for left-padded histories.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import copy
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from retrieval.config import TowerConfig
 from retrieval.retriever import Candidate
 
-
-@dataclass(frozen=True)
-class TowerConfig:
-    """Shape of the tower."""
-
-    dim: int = 64
-    max_len: int = 50
-    layers: int = 2
-    heads: int = 2
-    dropout: float = 0.1
+PREFIX = "tower/"
 
 
-def _pca(vectors: np.ndarray, dim: int) -> np.ndarray:
-    """`(in_dim, dim)` top principal directions (so the untrained tower starts from the text geometry)."""
+def text_basis(text_vectors: np.ndarray, dim: int) -> np.ndarray:
+    """`(text_dim, dim)` top principal directions of the item texts (the untrained tower starts from the text geometry).
+
+    Computed once per run for the initial state; a client loading a state never needs it.
+    """
+    vectors = np.asarray(text_vectors, dtype=np.float64)
     centred = vectors - vectors.mean(axis=0, keepdims=True)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     basis = vt[:dim].T
@@ -38,107 +45,188 @@ def _pca(vectors: np.ndarray, dim: int) -> np.ndarray:
     return basis.astype(np.float32)
 
 
+def attention_mask(padded: torch.Tensor) -> torch.Tensor:
+    """`(b, 1, L, L)` boolean mask, True where query position i may attend to key j.
+
+    Causal (j ≤ i), keys that are padding are hidden, and the diagonal is always open so that a
+    padding query (whose keys are all padding) still has one finite softmax entry. Real positions
+    never see padding, so what padding computes cannot reach them.
+    """
+    length = padded.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=padded.device).tril()
+    diagonal = torch.eye(length, dtype=torch.bool, device=padded.device)
+    return ((causal & ~padded[:, None, :]) | diagonal)[:, None]
+
+
+class CausalBlock(nn.Module):
+    """Pre-norm self-attention + feed-forward block."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`(b, L, dim)` → `(b, L, dim)`; `mask` from `attention_mask`."""
+        b, length, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.out(attended.transpose(1, 2).reshape(b, length, dim)))
+        return x + self.drop(self.ff(self.norm2(x)))
+
+
 class RetrievalTower(nn.Module):
-    """Item tower (text projection + residual) and history encoder.
+    """Item embeddings and history encoder. Build with `create` (a fresh state) or `from_arrays` (a trained one).
 
     Args:
-        text_vectors: `(n_items, text_dim)` item-text embeddings (frozen).
-        cfg: tower shape.
+        text_vectors: `(n_items, text_dim)` frozen item-text embeddings (read with `item_init=text`).
+        cfg: shape and recipe.
+        seed: initialisation seed.
+        basis: `(text_dim, dim)` starting projection (`text_basis`); None leaves the default init.
     """
 
-    def __init__(self, text_vectors: np.ndarray, cfg: TowerConfig = TowerConfig(), seed: int = 0) -> None:
+    def __init__(self, text_vectors: np.ndarray, cfg: TowerConfig, *, seed: int = 0, basis: np.ndarray | None = None) -> None:
         super().__init__()
+        generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        n_items, text_dim = text_vectors.shape
+        n_items, text_dim = np.shape(text_vectors)
         self.cfg = cfg
         self.n_items = n_items
-        self.register_buffer("text", torch.as_tensor(np.asarray(text_vectors, dtype=np.float32)), persistent=False)
-        self.proj = nn.Linear(text_dim, cfg.dim, bias=False)
-        with torch.no_grad():
-            self.proj.weight.copy_(torch.as_tensor(_pca(np.asarray(text_vectors, dtype=np.float32), cfg.dim).T))
-        self.residual = nn.Embedding(n_items + 1, cfg.dim, padding_idx=n_items)
-        nn.init.zeros_(self.residual.weight)
+        if cfg.item_init == "text":
+            self.register_buffer("text", torch.as_tensor(np.asarray(text_vectors, dtype=np.float32)), persistent=False)
+            self.proj = nn.Linear(text_dim, cfg.dim, bias=False)
+            self.residual = nn.Embedding(n_items, cfg.dim)
+            with torch.no_grad():
+                if basis is not None:
+                    self.proj.weight.copy_(torch.as_tensor(basis).T)
+                self.residual.weight.zero_()
+        else:
+            self.items = nn.Embedding(n_items, cfg.dim)
+            with torch.no_grad():
+                self.items.weight.normal_(0.0, 1.0 / math.sqrt(cfg.dim), generator=generator)
         self.position = nn.Embedding(cfg.max_len, cfg.dim)
-        nn.init.normal_(self.position.weight, std=0.02)
-        layer = nn.TransformerEncoderLayer(cfg.dim, cfg.heads, cfg.dim * 2, cfg.dropout, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        with torch.no_grad():
+            self.position.weight.normal_(0.0, 0.02, generator=generator)
+        self.embed_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(CausalBlock(cfg.dim, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.dim)
+
+    @classmethod
+    def create(cls, text_vectors: np.ndarray, cfg: TowerConfig, *, seed: int = 0) -> RetrievalTower:
+        """A fresh tower (text side projected onto the item texts' principal directions)."""
+        basis = text_basis(text_vectors, cfg.dim) if cfg.item_init == "text" else None
+        return cls(text_vectors, cfg, seed=seed, basis=basis)
+
+    @classmethod
+    def from_arrays(cls, text_vectors: np.ndarray, cfg: TowerConfig, arrays: dict[str, np.ndarray]) -> RetrievalTower:
+        """A tower holding `arrays` (names as in `state_arrays`), in eval mode."""
+        tower = cls(text_vectors, cfg)
+        tower.load_arrays(arrays)
+        return tower.eval()
 
     @property
     def pad(self) -> int:
         return self.n_items
 
     def item_embeddings(self) -> torch.Tensor:
-        """`(n_items, dim)` item vectors (the index is built from these)."""
-        return self.proj(self.text) + self.residual.weight[: self.n_items]
+        """`(n_items, dim)` item vectors: the output table, and what the FAISS index holds."""
+        if self.cfg.item_init == "text":
+            return self.proj(self.text) + self.residual.weight
+        return self.items.weight
 
-    def _sequence_states(self, items: torch.Tensor) -> torch.Tensor:
-        """`(b, L, dim)` causal encoder output for left-padded item index sequences `(b, L)`."""
+    def sequence_states(self, items: torch.Tensor) -> torch.Tensor:
+        """`(b, L, dim)` encoder output for left-padded item index sequences `(b, L)` (padding = `self.pad`)."""
         table = torch.cat([self.item_embeddings(), torch.zeros(1, self.cfg.dim, device=items.device)])
-        x = table[items] + self.position(torch.arange(items.shape[1], device=items.device))
-        causal = torch.triu(torch.ones(items.shape[1], items.shape[1], dtype=torch.bool, device=items.device), diagonal=1)
         padded = items == self.pad
-        out = self.encoder(x, mask=causal, src_key_padding_mask=padded)
-        return self.norm(torch.nan_to_num(out))
+        x = table[items] * math.sqrt(self.cfg.dim) + self.position.weight[-items.shape[1] :]
+        x = self.embed_drop(x)
+        mask = attention_mask(padded)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
 
     def pad_histories(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
         """Left-pad the last `max_len` items of each history into a `(b, max_len)` tensor."""
         out = torch.full((len(histories), self.cfg.max_len), self.pad, dtype=torch.long)
         for row, history in enumerate(histories):
-            recent = list(history)[-self.cfg.max_len :]
-            if recent:
-                out[row, -len(recent) :] = torch.tensor(recent, dtype=torch.long)
+            recent = np.asarray(history, dtype=np.int64)[-self.cfg.max_len :]
+            if len(recent):
+                out[row, -len(recent) :] = torch.tensor(recent)
         return out
 
     def query(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
         """`(b, dim)` query vectors: the encoder state at each history's last position."""
-        return self._sequence_states(self.pad_histories(histories))[:, -1]
+        return self.sequence_states(self.pad_histories(histories))[:, -1]
+
+    @torch.no_grad()
+    def encode(self, histories: Sequence[Sequence[int]], batch_size: int = 512) -> np.ndarray:
+        """`(b, dim)` float32 query vectors, in eval mode (no dropout), batched."""
+        training = self.training
+        self.eval()
+        try:
+            parts = [self.query(histories[i : i + batch_size]) for i in range(0, len(histories), batch_size)]
+        finally:
+            self.train(training)
+        return torch.cat(parts).numpy().astype(np.float32) if parts else np.zeros((0, self.cfg.dim), np.float32)
+
+    @torch.no_grad()
+    def item_matrix(self) -> np.ndarray:
+        """`(n_items, dim)` float32 item embeddings."""
+        return self.item_embeddings().numpy().astype(np.float32)
 
     def top_candidates(self, histories: Sequence[Sequence[int]], n: int) -> tuple[torch.Tensor, list[list[Candidate]]]:
         """Item embeddings `(n_items, dim)` and, per history, its `n` best-scoring unseen items (no gradient, no dropout)."""
-        training = self.training
-        self.eval()
-        with torch.no_grad():
-            items = self.item_embeddings()
-            scores = self.query(histories) @ items.T
-        self.train(training)
+        queries = torch.as_tensor(self.encode(histories))
+        items = torch.as_tensor(self.item_matrix())
+        scores = queries @ items.T
         out = []
         for row, history in enumerate(histories):
             ranked = scores[row].clone()
-            ranked[torch.as_tensor(np.array(history, dtype=np.int64))] = -torch.inf
+            ranked[torch.as_tensor(np.asarray(history, dtype=np.int64))] = -torch.inf
             top = torch.topk(ranked, n)
             out.append([Candidate(int(i), float(v)) for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)])
         return items, out
 
     def loss(self, windows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the catalogue at every non-padded position.
+        """Mean cross-entropy over the whole catalogue at every position with a target.
 
         Args:
             windows: `(b, L)` left-padded inputs.
             targets: `(b, L)` next items (pad where there is none).
         """
-        states = self._sequence_states(windows)
-        logits = states @ self.item_embeddings().T
+        states = self.sequence_states(windows)
         mask = targets != self.pad
-        return nn.functional.cross_entropy(logits[mask], targets[mask])
+        logits = states[mask] @ self.item_embeddings().T
+        return F.cross_entropy(logits, targets[mask])
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Trainable parameters as named float32 arrays (what travels)."""
-        return {f"tower/{k}": v.detach().cpu().numpy().astype(np.float32).copy() for k, v in self.named_parameters()}
+        return {f"{PREFIX}{k}": v.detach().cpu().numpy().astype(np.float32).copy() for k, v in self.named_parameters()}
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        """Set parameters from `state_arrays`-style names (missing names are an error)."""
+        """Set parameters from `state_arrays`-style names; a missing name or another shape is a ValueError that says so."""
         params = dict(self.named_parameters())
-        missing = [k for k in params if f"tower/{k}" not in arrays]
+        missing = [k for k in params if f"{PREFIX}{k}" not in arrays]
         if missing:
-            raise KeyError(f"tower state lacks {missing[:3]}")
+            raise ValueError(f"tower state lacks {missing[:3]}: it was saved by a tower of another shape (tower.item_init / tower.layers?)")
+        for k, p in params.items():
+            shape = tuple(np.shape(arrays[f"{PREFIX}{k}"]))
+            if shape != tuple(p.shape):
+                raise ValueError(f"tower state {PREFIX}{k} has shape {shape}, this tower expects {tuple(p.shape)} "
+                                 f"(tower.dim / tower.max_len or the catalogue differ)")
         with torch.no_grad():
             for k, p in params.items():
-                p.copy_(torch.as_tensor(arrays[f"tower/{k}"]))
+                p.copy_(torch.as_tensor(np.asarray(arrays[f"{PREFIX}{k}"])))
 
 
 def sliding_windows(histories: Sequence[np.ndarray], max_len: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training windows: each history cut into chunks of `max_len + 1`, as (inputs, next-item targets)."""
+    """Training windows: each history cut from its end into chunks of `max_len + 1`, as (inputs, next-item targets)."""
     inputs, targets = [], []
     for seq in histories:
         seq = np.asarray(seq)
@@ -154,34 +242,82 @@ def sliding_windows(histories: Sequence[np.ndarray], max_len: int, pad: int) -> 
     return torch.as_tensor(np.stack(inputs), dtype=torch.long), torch.as_tensor(np.stack(targets), dtype=torch.long)
 
 
-def train_tower(
-    tower: RetrievalTower, histories: Sequence[np.ndarray], *, epochs: int = 1, batch_size: int = 64, lr: float = 1e-3,
-    prox_mu: float = 0.0, seed: int = 0,
-) -> dict[str, float]:
-    """Train in place on local histories; with `prox_mu` > 0 a FedProx term pulls toward the starting weights.
+class TowerTrainer:
+    """AdamW over a tower's local windows, in epochs or in a fixed number of steps.
+
+    The optimiser lives as long as the trainer, so a centralized fit keeps its moments across
+    epochs; a federated client builds one per round.
+    """
+
+    def __init__(self, tower: RetrievalTower, histories: Sequence[np.ndarray], *, prox_mu: float = 0.0, seed: int = 0) -> None:
+        self.tower = tower
+        self.windows, self.targets = sliding_windows(histories, tower.cfg.max_len, tower.pad)
+        self.optimizer = torch.optim.AdamW(tower.parameters(), lr=tower.cfg.lr, weight_decay=tower.cfg.weight_decay)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.anchor = [p.detach().clone() for p in tower.parameters()] if prox_mu > 0 else None
+        self.prox_mu = prox_mu
+
+    @property
+    def examples(self) -> int:
+        return int(len(self.windows))
+
+    def _batches(self) -> Any:
+        size = self.tower.cfg.batch_size
+        while True:
+            order = torch.randperm(len(self.windows), generator=self.generator)
+            for start in range(0, len(order), size):
+                yield order[start : start + size]
+
+    def run(self, *, epochs: int = 1, steps: int | None = None) -> dict[str, float]:
+        """Train in place for `steps` optimiser steps, or else `epochs` passes; returns mean `loss` and `examples`."""
+        if not self.examples:
+            return {"loss": float("nan"), "examples": 0, "steps": 0}
+        per_epoch = math.ceil(self.examples / self.tower.cfg.batch_size)
+        total = steps if steps is not None else epochs * per_epoch
+        self.tower.train()
+        losses = []
+        batches = self._batches()
+        for _ in range(total):
+            idx = next(batches)
+            loss = self.tower.loss(self.windows[idx], self.targets[idx])
+            if self.anchor is not None:
+                loss = loss + self.prox_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(self.tower.parameters(), self.anchor, strict=True))
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            losses.append(loss.item())
+        self.tower.eval()
+        return {"loss": float(np.mean(losses)), "examples": self.examples, "steps": total}
+
+
+def train_tower(tower: RetrievalTower, histories: Sequence[np.ndarray], *, epochs: int = 1, steps: int | None = None,
+                prox_mu: float = 0.0, seed: int = 0) -> dict[str, float]:
+    """Train in place on local histories (one optimiser for the whole call); see `TowerTrainer.run`."""
+    return TowerTrainer(tower, histories, prox_mu=prox_mu, seed=seed).run(epochs=epochs, steps=steps)
+
+
+def fit_tower(tower: RetrievalTower, histories: Sequence[np.ndarray], validate: Callable[[RetrievalTower], float], *,
+              max_epochs: int, patience: int, seed: int = 0,
+              on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Centralized training with model selection: one epoch at a time, `validate` after each (higher is better),
+    the best epoch's weights restored at the end, stopping after `patience` epochs without improvement.
 
     Returns:
-        `loss` (mean over the last epoch) and `examples` (number of windows).
+        `best_epoch`, `best_valid`, `epochs` run and the per-epoch `history` (loss, valid).
     """
-    windows, targets = sliding_windows(histories, tower.cfg.max_len, tower.pad)
-    if len(windows) == 0:
-        return {"loss": float("nan"), "examples": 0}
-    anchor = [p.detach().clone() for p in tower.parameters()] if prox_mu > 0 else None
-    optimizer = torch.optim.Adam(tower.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    tower.train()
-    losses: list[float] = []
-    for _ in range(epochs):
-        losses = []
-        order = torch.randperm(len(windows), generator=generator)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            loss = tower.loss(windows[idx], targets[idx])
-            if anchor is not None:
-                loss = loss + prox_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(tower.parameters(), anchor, strict=True))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+    trainer = TowerTrainer(tower, histories, seed=seed)
+    best, best_epoch, best_state, history = -math.inf, 0, copy.deepcopy(tower.state_dict()), []
+    for epoch in range(1, max_epochs + 1):
+        stats = trainer.run(epochs=1)
+        valid = float(validate(tower))
+        row = {"epoch": epoch, "loss": stats["loss"], "valid": valid}
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+        if valid > best:
+            best, best_epoch, best_state = valid, epoch, copy.deepcopy(tower.state_dict())
+        elif epoch - best_epoch >= patience:
+            break
+    tower.load_state_dict(best_state)
     tower.eval()
-    return {"loss": float(np.mean(losses)), "examples": int(len(windows))}
+    return {"best_epoch": best_epoch, "best_valid": best, "epochs": len(history), "history": history}

@@ -17,7 +17,7 @@ TINY = REPO / "configs" / "tiny.yaml"
 
 
 def _recommender(tmp_path: Path, *overrides: str) -> Recommender:
-    cfg = load_config(TINY, ["federation.rounds=2", "federation.tower_dim=16", "federation.tower_max_len=10", "federation.tower_layers=1",
+    cfg = load_config(TINY, ["federation.rounds=2", "tower.dim=16", "tower.max_len=10", "tower.layers=1",
                              "eval.max_users=30", f"output_dir={tmp_path}", *overrides])
     return Recommender.from_config(cfg)
 
@@ -153,8 +153,8 @@ def test_fedrec_train_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
 
     from pipeline.cli import main
 
-    args = ["fedrec", "train", "-c", str(TINY), "--set", "federation.rounds=1", "--set", "federation.tower_dim=16",
-            "--set", "federation.tower_max_len=10", "--set", "federation.tower_layers=1", "--set", "eval.max_users=20",
+    args = ["fedrec", "train", "-c", str(TINY), "--set", "federation.rounds=1", "--set", "tower.dim=16",
+            "--set", "tower.max_len=10", "--set", "tower.layers=1", "--set", "eval.max_users=20",
             "--set", f"output_dir={tmp_path}", "--engine", "inprocess"]
     monkeypatch.setattr(sys, "argv", args)
     monkeypatch.setenv("COLUMNS", "160")
@@ -174,7 +174,7 @@ def test_soft_prompt_and_projector_travel_with_the_tower(tmp_path: Path, tiny_ll
     from federation.checkpoint import load
     from federation.runner import run_dir, train
 
-    rec = _recommender(tmp_path, "federation.rounds=1", "federation.soft_prompt=true", "federation.soft_prompt_tokens=4",
+    rec = _recommender(tmp_path, "federation.rounds=1", "soft_prompt.enabled=true", "soft_prompt.tokens=4",
                        f"llm.model={tiny_llama}", "llm.dtype=float32", "retrieval.num_candidates=6", "eval.max_users=12",
                        "rerank.max_history_titles=3", "profile.max_tokens=48")
     results = train(rec)
@@ -193,7 +193,7 @@ def test_personal_tokens_stay_on_the_client(tmp_path: Path, tiny_llama: Path) ->
     from federation.checkpoint import load
     from federation.runner import private_store, run_dir, train
 
-    rec = _recommender(tmp_path, "federation.soft_prompt=true", "federation.soft_prompt_tokens=2", "federation.personal_tokens=3",
+    rec = _recommender(tmp_path, "soft_prompt.enabled=true", "soft_prompt.tokens=2", "soft_prompt.personal_tokens=3",
                        f"llm.model={tiny_llama}", "llm.dtype=float32", "retrieval.num_candidates=6", "eval.max_users=12",
                        "rerank.max_history_titles=3", "profile.max_tokens=48")
     results = train(rec)
@@ -212,5 +212,5 @@ def test_personal_tokens_stay_on_the_client(tmp_path: Path, tiny_llama: Path) ->
 
 
 def test_personal_tokens_need_the_soft_prompt(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match=r"personal_tokens > 0 needs federation.soft_prompt=true"):
-        load_config(TINY, ["federation.personal_tokens=2"])
+    with pytest.raises(Exception, match=r"personal_tokens > 0 needs soft_prompt.enabled=true"):
+        load_config(TINY, ["soft_prompt.personal_tokens=2"])

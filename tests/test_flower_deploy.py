@@ -44,8 +44,8 @@ def test_one_round_on_superlink_and_two_supernodes(tmp_path: Path, cache_dir: Pa
                   "--node-config", f"partition-id={i} num-partitions=2")
         out = tmp_path / "runs"
         overrides = ";".join([
-            "partition.scheme=group", "partition.num_clients=2", "federation.rounds=1", "federation.tower_dim=16",
-            "federation.tower_max_len=10", "federation.tower_layers=1", "eval.max_users=20", f"output_dir={out}",
+            "partition.scheme=group", "partition.num_clients=2", "federation.rounds=1", "tower.dim=16",
+            "tower.max_len=10", "tower.layers=1", "eval.max_users=20", f"output_dir={out}",
         ])
         run_config = f'config="{REPO / "configs" / "tiny.yaml"}" overrides="{overrides}"'
         done = subprocess.run([str(bin_dir / "flwr"), "run", str(REPO / "federation" / "deploy"), "local", "--stream", "-c", run_config],

@@ -77,7 +77,7 @@ class SoftPrompt(nn.Module):
         tokens = np.asarray(arrays["personal/tokens"])
         if tokens.shape != tuple(self.personal.shape):
             raise ValueError(f"saved personal tokens have shape {tokens.shape}, expected {tuple(self.personal.shape)} "
-                             "(federation.personal_tokens changed?)")
+                             "(soft_prompt.personal_tokens changed?)")
         with torch.no_grad():
             self.personal.copy_(torch.as_tensor(tokens))
 
