@@ -38,16 +38,15 @@ demo: setup
 test: setup $(if $(IS_CI),vllm-venv)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# All benchmarks (about two and a half hours on 2 cores); each rewrites its own section of benchmarks/RESULTS.md.
+# All benchmarks (several hours on 2 cores); each rewrites its own section of benchmarks/RESULTS.md.
 bench: setup
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_retrieval.py
 	$(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/bench_llm.py
 	$(PY) benchmarks/bench_rerank.py
-	$(PY) benchmarks/bench_federation.py
-	$(PY) benchmarks/bench_ablation.py
-	$(PY) benchmarks/bench_personal.py
+	$(PY) benchmarks/bench_tower.py --experiments central iid noniid iid-id --seeds 0 1 2
+	$(PY) benchmarks/bench_tower.py --experiments device --seeds 0
 	$(PY) benchmarks/bench_serve.py
 
 clean:

@@ -1,7 +1,7 @@
-"""Evaluation table on ml-latest-small (DESIGN.md protocol): baselines and zero-shot text retrieval.
+"""Evaluation table on ml-latest-small (docs/DESIGN.md protocol): baselines and zero-shot text retrieval.
 
 Metrics are deterministic (seeded), so one run gives them; the popularity row is checked
-against the independent anchor in DESIGN.md (R@10 0.0443, N@10 0.0211).
+against the independent anchor in docs/DESIGN.md (R@10 0.0443, N@10 0.0211).
 
 Usage: python benchmarks/bench_eval.py [--split test]
 """
@@ -15,7 +15,7 @@ import time
 
 from common import REPO, data_dir, markdown_table, update_results
 
-ANCHORS = [  # DESIGN.md, ml-latest-small full ranking
+ANCHORS = [  # docs/DESIGN.md, ml-latest-small full ranking
     ("LlamaRec (LRURec + Llama-2-7B, centralized)", 0.1524, 0.0759),
     ("GPT-FedRec (federated hybrid + GPT-3.5)", 0.1468, 0.0621),
     ("SASRec (centralized)", 0.0993, None),
@@ -54,7 +54,7 @@ def main() -> None:
     table = markdown_table(["model", *METRICS, "sampled HR@10", "retrieval R@20"], table_rows)
     pop = next(r for r in rows if r["model"] == "popularity")
     check = abs(pop["R@10"] - ANCHORS[-1][1]) < 5e-5 and abs(pop["N@10"] - ANCHORS[-1][2]) < 5e-5
-    anchor_table = markdown_table(["anchor (DESIGN.md)", "R@10", "N@10"],
+    anchor_table = markdown_table(["anchor (docs/DESIGN.md)", "R@10", "N@10"],
                                   [[name, f"{r:.4f}", f"{n:.4f}" if n is not None else "—"] for name, r, n in ANCHORS])
     timing = ", ".join(f"{q}: {s:.1f} s" for q, s in timings)
     print(table)

@@ -89,6 +89,12 @@ class Recommender:
         served.trained = run
         return served
 
+    def with_cfg(self, cfg: FedrecConfig) -> Recommender:
+        """This recommender (same dataset, caches and run) under another config (e.g. fewer evaluation users)."""
+        other = Recommender(cfg, self.dataset, progress=self.progress, run=self.run_spec)
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("split", "embedder", "item_texts", "item_vectors", "backend", "trained")})
+        return other
+
     @property
     def retrieval_source(self) -> str:
         """Where candidates come from, in words (shown by every entry point)."""

@@ -171,7 +171,7 @@ class Demo:
     def _zero_shot(self, weight: float):  # noqa: ANN202 - Reranker
         with self._load_lock:
             if self._zero_shot_reranker is None:
-                self._zero_shot_reranker = self.rec.reranker(fusion_weight=weight)
+                self._zero_shot_reranker = self.rec.reranker(fusion_weight=weight, trained=False)
         return _with_weight(self._zero_shot_reranker, weight)
 
     # --- answers -----------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
+TOWER_SHAPE = {"dim", "max_len", "layers", "heads", "item_init"}
+"""The tower fields a serving config must share with a run (the training recipe may differ)."""
 FORMAT = 1
 
 
@@ -49,16 +51,16 @@ def _hash(payload: Any) -> str:
 
 def serving_identity(rec: Recommender) -> dict[str, Any]:
     """What a run must share with the config that serves it: dataset and catalogue, item texts, tower shape, and the
-    LLM when the run has a soft prompt."""
+    LLM when the run has a soft prompt (`soft_prompt` records whether it has one)."""
     cfg = rec.cfg
     return {
         "dataset": rec.dataset.name,
         "n_items": int(rec.dataset.n_items),
         "catalog": _hash([str(i) for i in rec.dataset.catalog.item_ids.tolist()])[:16],
         "item_texts": rec.embedder.cache_key(rec.item_texts),
-        "tower": cfg.tower.model_dump(mode="json"),
-        "soft_prompt": cfg.soft_prompt.model_dump(mode="json") if cfg.soft_prompt.enabled else None,
-        "llm": cfg.llm.model if cfg.soft_prompt.enabled else None,
+        "tower": cfg.tower.model_dump(mode="json", include=TOWER_SHAPE),
+        "soft_prompt": cfg.soft_prompt.enabled,
+        "llm": cfg.llm.model,
     }
 
 
@@ -70,6 +72,7 @@ def fingerprint(rec: Recommender) -> dict[str, Any]:
         "serving": serving_identity(rec),
         "data": cfg.data.model_dump(mode="json"),
         "partition": cfg.partition.model_dump(mode="json"),
+        "tower": cfg.tower.model_dump(mode="json"),
         "federation": cfg.federation.model_dump(mode="json", exclude={"rounds", "engine", "patience"}),
         "eval_users": cfg.eval.max_users,
     }
@@ -227,11 +230,9 @@ def finish_run(rec: Recommender, run: TrainedRun, results: dict[str, Any]) -> No
 
 def _mismatch(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
     reasons = []
-    for key in ("dataset", "n_items", "catalog", "item_texts", "tower", "soft_prompt", "llm"):
-        if key == "soft_prompt" and found.get(key) is None:
-            continue  # a run without a soft prompt serves any rerank config (zero-shot prompt)
-        if key == "llm" and found.get("soft_prompt") is None:
-            continue
+    for key in ("dataset", "n_items", "catalog", "item_texts", "tower", "llm"):
+        if key == "llm" and not found.get("soft_prompt"):
+            continue  # without a soft prompt the run serves any LLM (zero-shot prompt)
         if expected.get(key) != found.get(key):
             reasons.append(f"{key}: run has {found.get(key)!r}, this config has {expected.get(key)!r}")
     return reasons

@@ -204,8 +204,8 @@ def demo_overrides(tiny_llama: Path, cache_dir: Path, tmp_path_factory: pytest.T
 
     out = tmp_path_factory.mktemp("demo-runs")
     overrides = [f"output_dir={out}", f"cache_dir={cache_dir}", f"llm.model={tiny_llama}", "llm.dtype=float32", "rerank.explain_max_tokens=12",
-                 "rerank.max_history_titles=3", "profile.max_tokens=48"]
-    training = ["federation.rounds=1", "tower.dim=16", "tower.max_len=10", "tower.layers=1",
+                 "rerank.max_history_titles=3", "profile.max_tokens=48", "tower.dim=16", "tower.max_len=10", "tower.layers=1"]
+    training = ["federation.rounds=1",
                 "soft_prompt.enabled=true", "soft_prompt.tokens=2", "soft_prompt.users=3", "eval.max_users=8"]
     train(Recommender.from_config(load_config(REPO / "configs" / "tiny.yaml", [*overrides, *training])))
     return overrides

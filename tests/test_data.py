@@ -105,7 +105,7 @@ def test_packaged_ml100k_matches_the_grouplens_files(data_dir: Path, tmp_path: P
 
 
 def test_ml_latest_small_protocol_counts(data_dir: Path, tmp_path: Path) -> None:
-    """DESIGN.md: 5-core ml-latest-small has 610 users, 3,650 items, 90,274 interactions."""
+    """docs/DESIGN.md: 5-core ml-latest-small has 610 users, 3,650 items, 90,274 interactions."""
     import pandas as pd
 
     from pipeline.config import DataConfig

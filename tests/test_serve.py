@@ -33,6 +33,7 @@ def test_status_names_model_backend_dataset_index_and_soft_prompt(client: TestCl
     assert status["dataset"] == "ml-100k" and status["items"] == demo.rec.dataset.n_items == status["index_size"]
     assert status["model"] == demo.rec.cfg.llm.model and "transformers" in status["backend"]
     assert status["soft_prompt"]["loaded"] and status["soft_prompt"]["round"] == 1
+    assert status["retrieval"].startswith("trained tower")
 
 
 def test_page_static_files_and_schema(client: TestClient) -> None:
@@ -140,7 +141,7 @@ def test_failing_slow_and_busy_backends_give_503(demo: Demo, client: TestClient,
 
 
 def test_soft_prompt_without_a_run_is_a_clear_409(demo: Demo, tmp_path: Path) -> None:
-    bare = Demo(demo.rec, tmp_path / "no-run")
+    bare = Demo(Recommender(demo.rec.cfg, demo.rec.dataset, run=None))
     client = TestClient(create_app(bare))
     assert not client.get("/api/status").json()["soft_prompt"]["loaded"]
     response = client.post("/api/recommend", json={"user_id": 1, "soft_prompt": True, "explain": False})
@@ -157,4 +158,4 @@ def test_serve_command_rejects_a_folder_that_is_not_a_run(tmp_path: Path, monkey
     monkeypatch.setenv("COLUMNS", "200")
     with pytest.raises(SystemExit) as done:
         main()
-    assert done.value.code == 2 and "no results.json there" in capsys.readouterr().out
+    assert done.value.code == 2 and "run.json is missing" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """Preprocessing to the benchmark protocol: k-core, chronological order, leave-one-out.
 
-Protocol (DESIGN.md): every rating is an interaction; users and items are filtered to the
+Protocol (docs/DESIGN.md): every rating is an interaction; users and items are filtered to the
 k-core, repeated until nothing changes; each history is ordered by (timestamp, item id);
 the last item is the test target and the second-to-last the validation target.
 """

@@ -1,6 +1,6 @@
 """Soft-prompt tuning with collaborative item tokens (LlaRA/CoLLM-style), the LLM frozen.
 
-A measurement on SmolLM2-135M (DESIGN.md) showed that a text-only soft prompt stays at chance as
+A measurement on SmolLM2-135M (docs/DESIGN.md) showed that a text-only soft prompt stays at chance as
 a reranker, so the collaborative signal reaches the LLM as one projected retrieval-tower item
 embedding per candidate, placed right after its title (`rerank.v2`). The trainable module is the
 soft prompt `(m, hidden)` and the projector `tower_dim → hidden`; both are federated as named
