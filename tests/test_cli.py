@@ -112,12 +112,19 @@ def test_data_prepare_is_atomic(monkeypatch, capsys, tmp_path: Path) -> None:
 
 
 def test_demo_runs_end_to_end(monkeypatch, capsys, tmp_path: Path, tiny_llama: Path) -> None:
-    code, out = run(monkeypatch, capsys, "demo", "-c", TINY, "--users", "2", "--set", f"output_dir={tmp_path}",
-                    "--set", f"llm.model={tiny_llama}", "--set", "rerank.fusion_weight=0.5")
+    args = ["demo", "-c", TINY, "--users", "2", "--rerank-users", "4", "--set", f"output_dir={tmp_path}", "--set", f"llm.model={tiny_llama}",
+            "--set", "rerank.fusion_weight=0.5", "--set", "federation.rounds=1", "--set", "tower.dim=16", "--set", "tower.max_len=10",
+            "--set", "tower.layers=1"]
+    code, out = run(monkeypatch, capsys, *args)
     assert code == 0, out
-    assert out.count("text profile") == 2 and "item index ready" in out and "LLM ready" in out
-    assert out.count("(reranked)") == 2 and out.count("why these picks") == 1
+    assert "federated training: 4 clients" in out and "retrieval: trained tower" in out and "LLM ready" in out
+    assert out.count("text profile") == 2 and out.count("(reranked)") == 2 and out.count("why these picks") == 1
+    summary = out[out.rindex("test, full ranking"):]
+    for row in ("popularity", "text:hybrid", "tower (run, round 1)", "tower order (same users)", "tower + LLM verbalizer"):
+        assert row in summary, row
     assert (tmp_path / "eval-ml-100k-retrieval.json").is_file()
+    code, out = run(monkeypatch, capsys, *args)
+    assert code == 0 and "trained run found" in out and "federated training" not in out
 
 
 def test_recommend_with_rerank_and_explanation(monkeypatch, capsys, tiny_llama: Path) -> None:
