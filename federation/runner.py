@@ -20,9 +20,9 @@ from federation.core import Payload, State
 from federation.task import ClientData, LLMTask, PrivateStore, Recipe, ServerState, best_round, new_server
 from pipeline.data import partition_users
 from pipeline.errors import FedrecError
-from pipeline.evaluate import FunctionScorer, evaluate_scorer, list_counts, metrics_from_counts
+from pipeline.evaluate import evaluate_rerank_served, evaluate_served, evaluate_state
 from pipeline.trained import export_run, finish_run, run_dir, write_state
-from retrieval.tower import RetrievalTower, sliding_windows
+from retrieval.tower import sliding_windows
 
 if TYPE_CHECKING:
     from pipeline.recommender import Recommender
@@ -31,20 +31,6 @@ log = logging.getLogger(__name__)
 
 # Cross-silo runs write every client's index at the end; cross-device clients build theirs on first use.
 MAX_EXPORTED_INDICES = 100
-
-
-def evaluate_state(rec: Recommender, state: State, split: str, users: np.ndarray | None = None) -> dict[str, float]:
-    """Full-ranking metrics of a tower state on `split` (exact scores: the per-round validation)."""
-    tower = RetrievalTower.from_arrays(rec.item_vectors, rec.cfg.tower, state)
-    items = tower.item_matrix()
-    scorer = FunctionScorer("tower", lambda u, histories: tower.encode(histories) @ items.T)
-    return evaluate_scorer(scorer, rec.split, split, rec.dataset.n_items, ks=rec.cfg.eval.ks, users=users).metrics
-
-
-def evaluate_served(rec: Recommender, split: str, users: np.ndarray) -> dict[str, float]:
-    """Full-ranking metrics of what `rec` serves: the tower query searched in each user's client FAISS index."""
-    scorer = FunctionScorer("tower", lambda u, h: rec.score_users(u, split))
-    return evaluate_scorer(scorer, rec.split, split, rec.dataset.n_items, ks=rec.cfg.eval.ks, users=users).metrics
 
 
 def _llm(rec: Recommender):  # noqa: ANN202 - TransformersBackend
@@ -77,40 +63,16 @@ def client_loader(rec: Recommender, clients: list[np.ndarray]) -> Callable[[int]
     return load
 
 
+def _personal_tokens(rec: Recommender) -> Callable[[int], State] | None:
+    """partition → that client's newest personal tokens, when the run has them."""
+    if not rec.cfg.soft_prompt.personal_tokens:
+        return None
+    return lambda partition: private_store(rec, partition).latest()
+
+
 def private_store(rec: Recommender, partition: int) -> PrivateStore:
     """Client `partition`'s folder for arrays that never leave it (on its own machine in a deployment)."""
     return PrivateStore(run_dir(rec) / "clients" / f"{partition:05d}")
-
-
-def evaluate_rerank_served(rec: Recommender, split: str, users: np.ndarray, clients: list[np.ndarray] | None = None) -> dict[str, Any]:
-    """The served candidates (tower → client FAISS index) reranked with the run's soft prompt and item tokens
-    (misses count as 0).
-
-    With `soft_prompt.personal_tokens`, each client's users are reranked with that client's personal tokens
-    (read from its private folder: per-client evaluation runs where the client's data is). With `clients`,
-    the result also has `by_client`: each client's mean metrics over its users.
-    """
-    assert rec.trained is not None
-    cfg = rec.cfg
-    requests = dict(zip(users.tolist(), rec.rerank_requests(users, split), strict=True))
-    wanted = set(users.tolist())
-    groups = [(i, np.array([u for u in c if u in wanted], dtype=np.int64)) for i, c in enumerate(clients or [users])]
-    groups = [(i, g) for i, g in groups if len(g)]
-    ranked: dict[int, list[int]] = {}
-    for partition, members in groups:
-        personal = private_store(rec, partition).latest() if clients and cfg.soft_prompt.personal_tokens else None
-        reranker = rec.trained.reranker(rec, personal=personal)
-        for u, result in zip(members.tolist(), reranker.rerank_batch([requests[int(u)] for u in members]), strict=True):
-            ranked[u] = [x.item for x in result]
-    order = np.array(sorted(ranked), dtype=np.int64)
-    greater, ties = list_counts([ranked[u] for u in order.tolist()], rec.split.targets(split)[order])
-    per_user = metrics_from_counts(greater, ties, cfg.eval.ks, max_rank=rec.dataset.n_items)
-    out: dict[str, Any] = {k: float(v.mean()) for k, v in per_user.items()}
-    if clients:
-        position = {u: i for i, u in enumerate(order.tolist())}
-        out["by_client"] = [{"client": p, "users": len(g), **{k: float(v[[position[u] for u in g.tolist()]].mean()) for k, v in per_user.items()}}
-                            for p, g in groups]
-    return out
 
 
 def train(rec: Recommender, *, resume: bool = False, progress: bool = False, grid: Any = None) -> dict[str, Any]:
@@ -198,7 +160,7 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
         "wall_seconds": time.perf_counter() - started,
     }
     if rec.cfg.soft_prompt.enabled:
-        results["test_rerank"] = evaluate_rerank_served(served, "test", eval_users, clients)
+        results["test_rerank"] = evaluate_rerank_served(served, "test", eval_users, clients, personal=_personal_tokens(rec))
     if server.accountant is not None:
         results["epsilon"] = server.accountant.epsilon(cfg.dp_delta)
     finish_run(rec, run, results)

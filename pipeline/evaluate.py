@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -352,3 +352,50 @@ def _listwise_scores(ranked: Sequence) -> np.ndarray:
     for position, item in enumerate(ranked):
         scores[item.retrieval_rank] = -position
     return scores
+
+
+def evaluate_state(rec: Recommender, state: dict[str, np.ndarray], split: str, users: np.ndarray | None = None) -> dict[str, float]:
+    """Full-ranking metrics of a tower state on `split` (exact scores: the per-round validation)."""
+    from retrieval.tower import RetrievalTower
+
+    tower = RetrievalTower.from_arrays(rec.item_vectors, rec.cfg.tower, state)
+    items = tower.item_matrix()
+    scorer = FunctionScorer("tower", lambda u, histories: tower.encode(histories) @ items.T)
+    return evaluate_scorer(scorer, rec.split, split, rec.dataset.n_items, ks=rec.cfg.eval.ks, users=users).metrics
+
+
+def evaluate_served(rec: Recommender, split: str, users: np.ndarray) -> dict[str, float]:
+    """Full-ranking metrics of what `rec` serves: the tower query searched in each user's client FAISS index."""
+    scorer = FunctionScorer("tower", lambda u, h: rec.score_users(u, split))
+    return evaluate_scorer(scorer, rec.split, split, rec.dataset.n_items, ks=rec.cfg.eval.ks, users=users).metrics
+
+
+def evaluate_rerank_served(rec: Recommender, split: str, users: np.ndarray, clients: list[np.ndarray] | None = None, *,
+                           personal: Callable[[int], dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+    """The served candidates (tower → client FAISS index) reranked with the run's soft prompt and item tokens
+    (misses count as 0).
+
+    With `personal` (partition → that client's personal tokens, read where the client's data is), each client's
+    users are reranked with its own tokens. With `clients`,
+    the result also has `by_client`: each client's mean metrics over its users.
+    """
+    assert rec.trained is not None
+    cfg = rec.cfg
+    requests = dict(zip(users.tolist(), rec.rerank_requests(users, split), strict=True))
+    wanted = set(users.tolist())
+    groups = [(i, np.array([u for u in c if u in wanted], dtype=np.int64)) for i, c in enumerate(clients or [users])]
+    groups = [(i, g) for i, g in groups if len(g)]
+    ranked: dict[int, list[int]] = {}
+    for partition, members in groups:
+        reranker = rec.trained.reranker(rec, personal=personal(partition) if clients and personal else None)
+        for u, result in zip(members.tolist(), reranker.rerank_batch([requests[int(u)] for u in members]), strict=True):
+            ranked[u] = [x.item for x in result]
+    order = np.array(sorted(ranked), dtype=np.int64)
+    greater, ties = list_counts([ranked[u] for u in order.tolist()], rec.split.targets(split)[order])
+    per_user = metrics_from_counts(greater, ties, cfg.eval.ks, max_rank=rec.dataset.n_items)
+    out: dict[str, Any] = {k: float(v.mean()) for k, v in per_user.items()}
+    if clients:
+        position = {u: i for i, u in enumerate(order.tolist())}
+        out["by_client"] = [{"client": p, "users": len(g), **{k: float(v[[position[u] for u in g.tolist()]].mean()) for k, v in per_user.items()}}
+                            for p, g in groups]
+    return out

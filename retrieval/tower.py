@@ -140,9 +140,13 @@ class RetrievalTower(nn.Module):
             return self.proj(self.text) + self.residual.weight
         return self.items.weight
 
-    def sequence_states(self, items: torch.Tensor) -> torch.Tensor:
-        """`(b, L, dim)` encoder output for left-padded item index sequences `(b, L)` (padding = `self.pad`)."""
-        table = torch.cat([self.item_embeddings(), torch.zeros(1, self.cfg.dim, device=items.device)])
+    def sequence_states(self, items: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """`(b, L, dim)` encoder output for left-padded item index sequences `(b, L)` (padding = `self.pad`).
+
+        `table`: the `(n_items, dim)` item embeddings when the caller already has them.
+        """
+        table = self.item_embeddings() if table is None else table
+        table = torch.cat([table, torch.zeros(1, self.cfg.dim, device=items.device)])
         padded = items == self.pad
         x = table[items] * math.sqrt(self.cfg.dim) + self.position.weight[-items.shape[1] :]
         x = self.embed_drop(x)
@@ -150,6 +154,13 @@ class RetrievalTower(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x)
+
+    def _trim(self, *batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Drop the leading columns that are padding in every row (positions count from the right and padding never
+        reaches real positions, so the result is unchanged; short histories cost less)."""
+        real = (batches[0] != self.pad).any(dim=0)
+        start = int(torch.argmax(real.int())) if bool(real.any()) else batches[0].shape[1] - 1
+        return tuple(b[:, start:] for b in batches)
 
     def pad_histories(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
         """Left-pad the last `max_len` items of each history into a `(b, max_len)` tensor."""
@@ -162,7 +173,8 @@ class RetrievalTower(nn.Module):
 
     def query(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
         """`(b, dim)` query vectors: the encoder state at each history's last position."""
-        return self.sequence_states(self.pad_histories(histories))[:, -1]
+        (items,) = self._trim(self.pad_histories(histories))
+        return self.sequence_states(items)[:, -1]
 
     @torch.no_grad()
     def encode(self, histories: Sequence[Sequence[int]], batch_size: int = 512) -> np.ndarray:
@@ -200,10 +212,11 @@ class RetrievalTower(nn.Module):
             windows: `(b, L)` left-padded inputs.
             targets: `(b, L)` next items (pad where there is none).
         """
-        states = self.sequence_states(windows)
+        windows, targets = self._trim(windows, targets)
+        table = self.item_embeddings()
+        states = self.sequence_states(windows, table)
         mask = targets != self.pad
-        logits = states[mask] @ self.item_embeddings().T
-        return F.cross_entropy(logits, targets[mask])
+        return F.cross_entropy(states[mask] @ table.T, targets[mask])
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Trainable parameters as named float32 arrays (what travels)."""

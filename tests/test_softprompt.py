@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import small_config
 
-from pipeline.llm.softprompt import SoftPrompt, accuracy, make_examples, train_soft_prompt
 from pipeline.config import RerankConfig
 from pipeline.data import load_dataset
+from pipeline.llm.softprompt import SoftPrompt, accuracy, make_examples, train_soft_prompt
 from pipeline.llm.transformers_backend import TransformersBackend
 from pipeline.rerank import PromptBuilder, RerankRequest, VerbalizerReranker
 from retrieval import Candidate
