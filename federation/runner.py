@@ -115,7 +115,7 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
             report["seconds"] = time.perf_counter() - round_started[0]
             state.history.append(report)
             if best_round(state.history)[0] == state.round:
-                write_state(rec, folder, state.state, state.round)
+                write_state(folder, state.state, state.round)
             checkpoint.save(state, ckpt)
             bar.update(task, completed=state.round, description=f"round {state.round}: valid R@10 {report['valid']['R@10']:.4f}")
             round_started[0] = time.perf_counter()

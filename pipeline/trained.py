@@ -191,7 +191,7 @@ def trained_reranker(rec: Recommender, state: dict[str, np.ndarray], item_embedd
     return VerbalizerReranker(backend, builder, fusion_weight=fusion_weight, soft_prompt=prompt, item_tokens=lambda ids: tokens[list(ids)])
 
 
-def write_state(rec: Recommender, folder: Path, state: dict[str, np.ndarray], round_: int) -> None:
+def write_state(folder: Path, state: dict[str, np.ndarray], round_: int) -> None:
     """Save the best state so far (atomically)."""
     with atomic_path(folder / "best.npz") as tmp, tmp.open("wb") as handle:
         np.savez(handle, **state, **{"meta/round": np.array([round_])})
@@ -202,12 +202,11 @@ def export_run(rec: Recommender, folder: Path, *, clients: int, index_clients: b
 
     The returned run is usable at once (evaluation runs on it before `finish_run` marks it complete).
     """
-    from retrieval.config import TowerConfig
     from retrieval.tower import RetrievalTower
 
     saved = _load_npz(folder / "best.npz")
     round_ = int(saved.pop("meta/round")[0])
-    tower = RetrievalTower.from_arrays(rec.item_vectors, TowerConfig.model_validate(rec.cfg.tower.model_dump()), saved)
+    tower = RetrievalTower.from_arrays(rec.item_vectors, rec.cfg.tower, saved)
     embeddings = tower.item_matrix()
     with atomic_path(folder / "item_embeddings.npy") as tmp, tmp.open("wb") as handle:
         np.save(handle, embeddings)

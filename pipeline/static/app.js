@@ -31,7 +31,7 @@ async function loadStatus() {
   try {
     const s = await api("/api/status");
     const soft = s.soft_prompt.loaded ? `soft prompt from round ${s.soft_prompt.round}` : "no trained soft prompt";
-    $("status").textContent = `${s.dataset}: ${s.users.toLocaleString()} users, ${s.index_size.toLocaleString()} items indexed · ${s.backend} · ${soft}`;
+    $("status").textContent = `${s.dataset}: ${s.users.toLocaleString()} users, ${s.index_size.toLocaleString()} items · retrieval: ${s.retrieval} · ${s.backend} · ${soft}`;
     state.softPromptAvailable = s.soft_prompt.loaded;
     $("soft-prompt").disabled = !s.soft_prompt.loaded;
     $("soft-prompt-note").textContent = s.soft_prompt.loaded
