@@ -109,16 +109,18 @@ def test_secagg_equals_fedavg_within_quantisation_error(tmp_path: Path) -> None:
     secure = train(rec)
     assert secure["history"][0]["secure_aggregation"] == "SecAgg+"
     from federation.checkpoint import load
-    from federation.runner import run_dir
+    from federation.task import Recipe
+    from pipeline.trained import run_dir
 
     secure_state = load(run_dir(rec) / "checkpoint.npz").state
-    cfg = rec.cfg.federation
-    start = initial_state(rec.item_vectors, cfg)
+    recipe = Recipe.of(rec.cfg)
+    cfg = recipe.federation
+    start = initial_state(rec.item_vectors, recipe)
     clients = partition_users(rec.dataset, rec.split.train(), rec.cfg.partition)
     from federation.core import FedAvg, add
     from federation.task import ClientData
 
-    results = [local_train(start, ClientData(rec.item_vectors, [rec.split.train()[u] for u in c]), cfg, seed=1 * 100_003 + i)
+    results = [local_train(start, ClientData(rec.item_vectors, [rec.split.train()[u] for u in c]), recipe, seed=1 * 100_003 + i)
                for i, c in enumerate(clients)]
     plain = add(start, FedAvg().aggregate([r[0] for r in results], [r[1] for r in results]))
     max_weight = max(r[1] for r in results)
