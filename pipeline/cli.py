@@ -304,7 +304,7 @@ def demo(
     overrides: SetOpt = None,
     users: Annotated[int, typer.Option(min=1, help="How many users to show recommendations for.")] = 3,
     k: Annotated[int, typer.Option("-k", min=1, help="Items per user.")] = 10,
-    rerank_users: Annotated[int, typer.Option(min=1, help="Users in the LLM-rerank evaluation (valid tunes the fusion weight, test reports).")] = 60,
+    rerank_users: Annotated[int, typer.Option(min=1, help="Users in the LLM-rerank evaluation (valid tunes the fusion weight, test reports).")] = 40,
 ) -> None:
     """The main job: federated training of the tower (reused when this config already has a run), a few users'
     recommendations (tower → the user's client FAISS index → LLM rerank, with an explanation), then the evaluation."""
