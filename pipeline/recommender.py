@@ -82,18 +82,22 @@ class Recommender:
         folder = find_run(self) if self.run_spec == "auto" else Path(self.run_spec)
         return load_trained(folder, self) if folder is not None else None
 
+    def _sharing(self, cfg: FedrecConfig, run: Path | str | None, *shared: str) -> Recommender:
+        """A recommender over the same dataset that reuses this one's loaded parts named in `shared` (when loaded)."""
+        other = Recommender(cfg, self.dataset, progress=self.progress, run=run)
+        other.__dict__.update({k: self.__dict__[k] for k in ("split", "embedder", "item_texts", "item_vectors", "backend", *shared)
+                               if k in self.__dict__})
+        return other
+
     def with_run(self, run: TrainedRun) -> Recommender:
         """This recommender (same dataset and caches) serving `run`."""
-        served = Recommender(self.cfg, self.dataset, progress=self.progress, run=run.folder)
-        served.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("split", "embedder", "item_texts", "item_vectors", "backend")})
+        served = self._sharing(self.cfg, run.folder)
         served.trained = run
         return served
 
     def with_cfg(self, cfg: FedrecConfig) -> Recommender:
         """This recommender (same dataset, caches and run) under another config (e.g. fewer evaluation users)."""
-        other = Recommender(cfg, self.dataset, progress=self.progress, run=self.run_spec)
-        other.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("split", "embedder", "item_texts", "item_vectors", "backend", "trained")})
-        return other
+        return self._sharing(cfg, self.run_spec, "trained")
 
     @property
     def retrieval_source(self) -> str:

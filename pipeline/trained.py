@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,6 +113,7 @@ class TrainedRun:
     """`(n_items, tower.dim)` float32: what every client's FAISS index holds."""
     text_vectors: np.ndarray
     index_factory: str = "Flat"
+    _indices: dict[int, ItemIndex] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def best_round(self) -> int:
@@ -144,11 +145,21 @@ class TrainedRun:
     def index_path(self, client: int) -> Path:
         return self.folder / "index" / f"client-{client:05d}.faiss"
 
+    @cached_property
+    def index_meta(self) -> dict[str, Any]:
+        """What a client index must have been built from (checked on load)."""
+        return _index_meta(self.item_embeddings, self.index_factory)
+
     def index(self, client: int = 0) -> ItemIndex:
-        """Client `client`'s local FAISS index; built from the run's item embeddings when absent or stale (and saved)."""
+        """Client `client`'s local FAISS index (loaded once); built from the run's item embeddings when absent or stale (and saved)."""
+        if client not in self._indices:
+            self._indices[client] = self._load_or_build_index(client)
+        return self._indices[client]
+
+    def _load_or_build_index(self, client: int) -> ItemIndex:
         from retrieval import ItemIndex
 
-        path, meta = self.index_path(client), _index_meta(self.item_embeddings, self.index_factory)
+        path, meta = self.index_path(client), self.index_meta
         if path.is_file():
             try:
                 return ItemIndex.load(path, expected_dim=self.item_embeddings.shape[1], expected_meta=meta)
@@ -223,8 +234,8 @@ def finish_run(rec: Recommender, run: TrainedRun, results: dict[str, Any]) -> No
     write_json(run.folder / "results.json", results)
     write_text(run.folder / "MODEL_CARD.md", model_card(results, run))
     files = {name: file_digest(run.folder / name) for name in ("best.npz", "item_embeddings.npy", "results.json")}
-    write_json(run.folder / RUN_FILE, {**run.manifest, "complete": True, "files": files})
-    run.manifest = json.loads((run.folder / RUN_FILE).read_text())
+    run.manifest = {**run.manifest, "complete": True, "files": files}
+    write_json(run.folder / RUN_FILE, run.manifest)
 
 
 def _mismatch(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:

@@ -185,7 +185,8 @@ class TowerRetriever(Retriever):
             assert self.fallback is not None
             for row, found in zip(empty, self.fallback.retrieve_batch([queries[i] for i in empty], k), strict=True):
                 out[row] = found
-        rows = [i for i in range(len(queries)) if i not in set(empty)]
+        skipped = set(empty)
+        rows = [i for i in range(len(queries)) if i not in skipped]
         if rows:
             scores, ids = self.search([queries[i] for i in rows], k)
             for row, row_ids, row_scores in zip(rows, ids, scores, strict=True):
@@ -194,9 +195,8 @@ class TowerRetriever(Retriever):
 
     def score_all(self, queries: Sequence[Query], n_items: int) -> np.ndarray:
         """`(n, n_items)` scores of every item through the FAISS search (k = all items), for full-ranking evaluation."""
-        scores, ids = self.search([Query(q.history, q.profile, q.client) for q in queries], n_items)
+        scores, ids = self.search(queries, n_items)
         out = np.full((len(queries), n_items), -np.inf, dtype=np.float64)
-        rows = np.repeat(np.arange(len(queries)), n_items).reshape(len(queries), n_items)
-        filled = ids >= 0
-        out[rows[filled], ids[filled]] = scores[filled]
+        rows, cols = np.nonzero(ids >= 0)
+        out[rows, ids[rows, cols]] = scores[rows, cols]
         return out
