@@ -41,7 +41,7 @@ def main() -> None:
             cfg = load_config(REPO / "configs" / "ml-latest-small.yaml", [
                 f"retrieval.query={query}", f"eval.baselines={baselines}", f"eval.splits=[{args.split}]", f"cache_dir={cache}",
             ])
-            rec = Recommender.from_config(cfg)
+            rec = Recommender.from_config(cfg, run=None)  # zero-shot text retrieval, as this section reports
             rec.index  # noqa: B018 - item embedding is timed by bench_retrieval, not here
             start = time.perf_counter()
             report = evaluate_recommender(rec, progress=True)

@@ -28,7 +28,7 @@ def _requests(n: int, cache: str):
     from pipeline.recommender import Recommender
 
     cfg = load_config(REPO / "configs" / "ml-latest-small.yaml", [f"cache_dir={cache}"])
-    rec = Recommender.from_config(cfg)
+    rec = Recommender.from_config(cfg, run=None)  # zero-shot text retrieval, as this section reports
     return rec, rec.rerank_requests(np.arange(n), "test")
 
 

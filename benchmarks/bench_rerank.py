@@ -32,7 +32,7 @@ def main() -> None:
     if args.users:
         overrides.append(f"eval.max_users={args.users}")
     cfg = load_config(REPO / "configs" / "ml-latest-small.yaml", overrides)
-    rec = Recommender.from_config(cfg)
+    rec = Recommender.from_config(cfg, run=None)  # zero-shot text retrieval, as this section reports
     start = time.perf_counter()
     report = evaluate_recommender(rec, stage="rerank", progress=True)
     minutes = (time.perf_counter() - start) / 60

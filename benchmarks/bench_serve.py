@@ -14,6 +14,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -53,7 +54,8 @@ def _measure(url: str, users: list[int], requests: int, burst: int, repeats: int
 
 def _serve(config: str, port: int, overrides: list[str], cache: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "pipeline.cli", "serve", "--config", config, "--port", str(port)]
-    for override in [f"cache_dir={cache}", *overrides]:
+    # An empty output_dir: no trained run is found, so the section keeps measuring the zero-shot retrieval pipeline.
+    for override in [f"cache_dir={cache}", f"output_dir={tempfile.mkdtemp(prefix='fedrec-bench-serve-')}", *overrides]:
         command += ["--set", override]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
@@ -74,7 +76,7 @@ def main() -> None:
     from pipeline.recommender import Recommender
 
     cfg = load_config(REPO / args.config, [f"cache_dir={cache}"])
-    rec = Recommender.from_config(cfg)
+    rec = Recommender.from_config(cfg, run=None)
     users = [int(u) for u in rec.dataset.user_ids[:: max(1, rec.dataset.n_users // 40)][:40]]
     results = {}
     setups = [("in-process (transformers, bf16 weights)", [], None)]
