@@ -80,6 +80,10 @@ def test_recommend_returns_the_evaluation_ranking_from_the_clients_faiss_index(t
     query = tower.encode([histories[0]])
     _, ids = rec.trained.index(int(rec.client_of[0])).search(query, 10, exclude=[histories[0]])
     assert [rec.dataset.catalog.item_ids[i] for i in ids[0]] == [r.item_id for r in rec.recommend(rec.dataset.user_ids[0], k=10)]
+    # the FAISS scores are the tower's exact inner products (an independent matmul on the same weights)
+    exact = tower.encode(histories[:5]) @ rec.trained.item_embeddings.T
+    finite = np.isfinite(scores)
+    assert np.allclose(scores[finite], exact[finite], atol=1e-4) and (~finite).sum() == sum(len(set(h)) for h in histories[:5])
     text = _rec(out, run=None).recommend(rec.dataset.user_ids[0], k=10)
     assert [r.item_id for r in text] != [r.item_id for r in rec.recommend(rec.dataset.user_ids[0], k=10)]
 
