@@ -88,14 +88,15 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
     clients = partition_users(rec.dataset, rec.split.train(), rec.cfg.partition)
     folder = run_dir(rec)
     ckpt = folder / "checkpoint.npz"
+    fresh = new_server(rec.item_vectors, recipe, len(clients), llm_hidden=_llm(rec).hidden_size if rec.cfg.soft_prompt.enabled else None)
     if resume and ckpt.is_file():
-        server = checkpoint.load(ckpt)
+        server = checkpoint.load(ckpt, expected=fresh.state)
         log.warning("resuming %s from round %d", folder, server.round)
     elif resume:
         raise FedrecError(f"--resume: no checkpoint at {ckpt}; run without --resume to start")
     else:
         (folder / "run.json").unlink(missing_ok=True)  # a fresh start is not complete until it finishes
-        server = new_server(rec.item_vectors, recipe, len(clients), llm_hidden=_llm(rec).hidden_size if rec.cfg.soft_prompt.enabled else None)
+        server = fresh
     payload = Payload()
     load = client_loader(rec, clients)
 
@@ -138,6 +139,9 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
             server_app(grid, Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}))
         elif server.round < cfg.rounds:
             _run_engine(cfg.engine, server_app, client_app, len(clients))
+    if server.history and not any(h.get("accepted") for h in server.history):
+        raise FedrecError(f"no client update was accepted in {len(server.history)} round(s), so nothing was learned: "
+                          f"{_first_failure(server.history)}; fix the cause and rerun with --restart")
     best, _ = best_round(server.history)
     if not (folder / "best.npz").is_file():
         raise FedrecError(f"no round reported a validation metric, so {folder} holds no best state; rerun `fedrec train`")
@@ -165,6 +169,13 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
         results["epsilon"] = server.accountant.epsilon(cfg.dp_delta)
     finish_run(rec, run, results)
     return results
+
+
+def _first_failure(history: list[dict[str, Any]]) -> str:
+    for h in history:
+        for problem in h.get("rejected", []) + h.get("failed", []):
+            return f"round {h['round']}: {problem.get('reason')}"
+    return "no client answered"
 
 
 def _run_engine(engine: str, server_app: Any, client_app: Any, n_clients: int) -> None:

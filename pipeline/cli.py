@@ -13,9 +13,9 @@ import numpy as np
 import typer
 from rich import box
 from rich.console import Console
-from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.config import FedrecConfig, load_config
 from pipeline.errors import FedrecError
@@ -27,7 +27,13 @@ app.add_typer(data_app, name="data")
 app.add_typer(index_app, name="index")
 config_app = typer.Typer(no_args_is_help=True, help="Show configurations.")
 app.add_typer(config_app, name="config")
-console = Console()
+# Printed values are plain text: `[/red]` in a title or a user id prints as written and never as markup.
+console = Console(markup=False, highlight=False)
+
+
+def _say(label: str, style: str, text: str) -> None:
+    """Print `label` styled, then `text` verbatim (never parsed as markup)."""
+    console.print(Text.assemble((label, style), " ", text))
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/*.yaml); defaults when omitted.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set retrieval.query=profile (repeatable).")]
@@ -48,7 +54,7 @@ def _recommender(cfg: FedrecConfig, run: Path | None = None, *, serving: bool = 
     if serving:
         with console.status("loading the trained run"):
             source = rec.retrieval_source
-        console.print(f"[dim]retrieval:[/dim] {escape(source)}", highlight=False)
+        _say("retrieval:", "dim", source)
     return rec
 
 
@@ -64,7 +70,7 @@ def config_show(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     import yaml
 
     cfg = _config(config, overrides)
-    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False, markup=False)
+    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 @config_app.command("reference")
@@ -72,7 +78,7 @@ def config_reference() -> None:
     """Print every configuration key with its default and meaning (Markdown)."""
     from pipeline.config import reference_markdown
 
-    console.print(reference_markdown(), highlight=False, markup=False, soft_wrap=True)
+    console.print(reference_markdown(), soft_wrap=True)
 
 
 @data_app.command("info")
@@ -110,7 +116,7 @@ def data_prepare(
     dataset = load_dataset(cfg.data, cfg.resolved_cache_dir())
     target = output or cfg.resolved_cache_dir() / "prepared" / dataset.name
     summary = write_prepared(dataset, cfg, target)
-    console.print(f"[green]wrote[/green] {target}: {summary['users']:,} users, {summary['items']:,} items, "
+    _say("wrote", "green", f"{target}: {summary['users']:,} users, {summary['items']:,} items, "
                   f"{summary['interactions']:,} interactions, {summary['clients']:,} clients")
 
 
@@ -127,11 +133,11 @@ def index_build(
     start = time.perf_counter()
     rec.item_vectors  # noqa: B018 - embeds (or loads from the cache) with a progress bar
     index = rec.build_index(rec.index_path(), rebuild=rebuild)
-    console.print(f"[green]index[/green] {rec.index_path()}: {len(index):,} items × {index.dim} dims, "
+    _say("index", "green", f"{rec.index_path()}: {len(index):,} items × {index.dim} dims, "
                   f"factory {index.factory}, {time.perf_counter() - start:.1f} s")
     if per_client:
         paths = rec.client_indices(rebuild=rebuild)
-        console.print(f"[green]client indices[/green] {len(paths)} files under {rec.index_path(0).parent}")
+        _say("client indices", "green", f"{len(paths)} files under {rec.index_path(0).parent}")
 
 
 @app.command()
@@ -153,8 +159,8 @@ def recommend(
 
 
 def _show_user(rec, user_index: int, k: int, split: str, *, rerank: bool = False, explain: bool = False) -> None:  # noqa: ANN001
-    raw_id = rec.dataset.user_ids[user_index]
-    console.print(Panel(rec.profile(user_index, split), title=f"user {raw_id}: text profile", expand=False))
+    raw_id = rec.dataset.user_id(user_index)
+    console.print(Panel(rec.profile(user_index, split), title=Text(f"user {raw_id}: text profile"), expand=False))
     if rerank:
         with console.status(f"reranking with {rec.cfg.llm.backend}: {rec.cfg.llm.model}"):
             results = rec.recommend(raw_id, k, split, rerank=True)
@@ -223,7 +229,7 @@ def _run_evaluation(cfg: FedrecConfig, stage: str, output: Path | None, run: Pat
         console.print(table)
     target = output or cfg.output_dir / f"eval-{report['dataset']}-{stage}.json"
     write_json(target, report)
-    console.print(f"[dim]report written to {target}[/dim]")
+    console.print(f"report written to {target}", style="dim")
     return report
 
 
@@ -255,12 +261,12 @@ def train(
     test = results["test"]
     console.print(f"test (best round, through the client FAISS indices): R@10 {test['R@10']:.4f}  N@10 {test['N@10']:.4f}  "
                   f"R@20 {test.get('R@20', float('nan')):.4f}  MRR {test['MRR']:.4f}")
-    console.print(f"run folder: {escape(str(run_dir(rec)))} (serve it with `fedrec recommend|evaluate|serve --run …`)", highlight=False)
+    console.print(f"run folder: {run_dir(rec)} (serve it with `fedrec recommend|evaluate|serve --run …`)")
 
 
 @app.command("rerank")
 def rerank_job(
-    input_path: Annotated[Path, typer.Option("--input", "-i", help="JSONL requests: {id, user_id | history, [candidates], [k]} per line.")],
+    input_path: Annotated[Path, typer.Option("--input", "-i", help="JSONL requests, one JSON object per line: id, user_id or history, optionally candidates and k.")],
     output_path: Annotated[Path, typer.Option("--output", "-o", help="JSONL results (resumable: rerun the same command to continue).")],
     config: ConfigOpt = None,
     overrides: SetOpt = None,
@@ -275,7 +281,7 @@ def rerank_job(
     cfg = _config(config, overrides)
     if engine == "ray":
         run_ray(cfg, input_path, output_path, batch_size=batch_size, run=run)
-        console.print(f"[green]wrote[/green] {output_path}/")
+        _say("wrote", "green", f"{output_path}/")
         return
     if engine != "local":
         raise FedrecError(f"--engine must be local or ray, got {engine!r}")
@@ -314,12 +320,12 @@ def demo(
     cfg = _config(config, overrides)
     rec = _recommender(cfg)
     stats = rec.dataset.stats()
-    console.print(f"[bold]{stats['dataset']}[/bold] ({escape(str(rec.dataset.source.get('origin')))}): {stats['users']:,} users, "
-                  f"{stats['items']:,} items, {stats['interactions']:,} interactions", highlight=False)
+    _say(stats["dataset"], "bold", f"({rec.dataset.source.get('origin')}): {stats['users']:,} users, "
+                                    f"{stats['items']:,} items, {stats['interactions']:,} interactions")
     rec.item_vectors  # noqa: B018 - embeds (or loads) the item texts with a progress bar
     folder = run_dir(rec)
     if find_run(rec) == folder:
-        console.print(f"trained run found: {escape(str(folder))} (delete it to retrain)", highlight=False)
+        console.print(f"trained run found: {folder} (delete it to retrain)")
     else:
         resume = (folder / "checkpoint.npz").is_file()
         fed = cfg.federation
@@ -330,7 +336,7 @@ def demo(
         console.print(f"trained in {time.perf_counter() - start:.0f} s: best round {results['best_round']} of {results['rounds']}, "
                       f"{results['bytes_up_per_client_round']:,} bytes up per client per round")
     served = rec.with_run(load_trained(folder, rec))
-    console.print(f"[dim]retrieval:[/dim] {escape(served.retrieval_source)}", highlight=False)
+    _say("retrieval:", "dim", served.retrieval_source)
     start = time.perf_counter()
     with console.status(f"loading the LLM ({cfg.llm.model}, {cfg.llm.dtype})"):
         served.backend  # noqa: B018
@@ -354,10 +360,10 @@ def _summary_table(retrieval: dict, reranked: dict) -> None:
     rows += [{**r, "model": "tower order (same users)" if r["model"].startswith("retrieval") else f"tower + LLM {r['model']}"}
              for r in reranked["rows"] if r["split"] == "test"]
     for r in rows:
-        table.add_row(escape(r["model"]), f"{r['users']:,}", *(_number(r[k]) if k in r else "—" for k in ("R@10", "N@10", "R@20", "MRR")))
+        table.add_row(r["model"], f"{r['users']:,}", *(_number(r[k]) if k in r else "—" for k in ("R@10", "N@10", "R@20", "MRR")))
     console.print(table)
-    console.print(f"[dim]rerank rows: the first {reranked['users']} test users (fusion weight tuned on their validation items); "
-                  f"misses count as 0, so R@20 of the tower is their ceiling[/dim]", highlight=False)
+    console.print(f"rerank rows: the first {reranked['users']} test users (fusion weight tuned on their validation items); "
+                  "misses count as 0, so R@20 of the tower is their ceiling", style="dim")
 
 
 @app.command()
@@ -381,20 +387,47 @@ def serve(
         rec.index  # noqa: B018
     with console.status(f"loading the LLM ({cfg.llm.model})"):
         rec.backend  # noqa: B018
-    console.print(f"fedrec demo on [bold]http://{host}:{port}/[/bold] ({rec.dataset.name}, {rec.backend.describe()}); Ctrl+C stops it")
+    console.print(f"fedrec demo on http://{host}:{port}/ ({rec.dataset.name}, {rec.backend.describe()}); Ctrl+C stops it")
     start(rec, host=host, port=port, timeout_s=timeout, max_queue=max_queue)
 
 
 def main() -> None:
-    """Entry point: user-facing errors print one clear message instead of a traceback."""
+    """Entry point: every failure prints one clear message instead of a traceback (FEDREC_DEBUG=1 shows it)."""
+    import click
+
+    from pipeline.llm.base import LLMError
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        app()
-    except (FedrecError, ValueError, FileNotFoundError, ImportError, OSError) as exc:
-        if os.environ.get("FEDREC_DEBUG"):
-            raise
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
-        sys.exit(2)
+        code = app(standalone_mode=False)
+    except click.ClickException as exc:  # usage errors: click prints them with the usage line
+        exc.show()
+        code = exc.exit_code
+    except click.exceptions.Abort as exc:  # click turns EOFError into Abort; an empty file read as a model is one
+        cause = exc.__cause__
+        code = 130 if cause is None else _report(cause, LLMError)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into a message
+        code = _report(exc, LLMError)
+    if code == 130:
+        console.print("interrupted; finished work is saved (rerun the same command, with --resume for `fedrec train`)", style="yellow")
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _report(exc: BaseException, llm_error: type[Exception]) -> int:
+    """Print `exc` as one line; 2 for a problem with the input or the environment, 1 for anything unexpected."""
+    import zipfile
+
+    if os.environ.get("FEDREC_DEBUG"):
+        raise exc
+    expected = (FedrecError, llm_error, ValueError, OSError, ImportError, zipfile.BadZipFile, EOFError)
+    if isinstance(exc, expected):
+        _say("error:", "bold red", str(exc) or type(exc).__name__)
+        return 2
+    _say("error:", "bold red", f"unexpected {type(exc).__name__}: {exc}. This is a bug in fedrec; rerun with FEDREC_DEBUG=1 "
+                               "to see the traceback and report it")
+    return 1
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ DataFormat = Literal["auto", "ml-100k", "movielens-csv", "movielens-dat", "recbo
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -212,7 +212,7 @@ class FederationConfig(_Section):
     """FedProx proximal weight (0 = FedAvg local objective)."""
     server_optimizer: Literal["none", "fedadam"] = "none"
     """Apply the aggregate directly, or through server-side Adam (FedOpt)."""
-    server_lr: float = Field(default=0.01, gt=0)
+    server_lr: float = Field(default=0.01, gt=0, le=10)
     """Server learning rate for `fedadam`."""
     max_update_norm: float | None = Field(default=None, gt=0)
     """Updates with a larger L2 norm are rejected (None = no bound)."""
@@ -257,7 +257,7 @@ class SoftPromptConfig(_Section):
     """Also train the LLM soft prompt and the item-token projector (rerank.v2 prompts) on each client, in-process backend only."""
     tokens: int = Field(default=20, ge=0)
     """Virtual tokens in the soft prompt."""
-    lr: float = Field(default=1e-2, gt=0)
+    lr: float = Field(default=1e-2, gt=0, le=10)
     """Client learning rate for the soft prompt and projector."""
     batch_size: int = Field(default=8, ge=1)
     """Prompts per soft-prompt training step."""

@@ -15,3 +15,11 @@ class DataError(FedrecError, ValueError):
 
 class IndexMismatchError(FedrecError, ValueError):
     """A saved index does not fit the vectors or the model it is used with."""
+
+
+class RequestError(FedrecError, ValueError):
+    """One request (a batch row, an API call) is invalid; `field` names the part to fix."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field

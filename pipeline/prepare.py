@@ -32,7 +32,7 @@ def write_prepared(dataset: Dataset, cfg: FedrecConfig, target: Path) -> dict:
         cat = dataset.catalog
         with (tmp / "items.jsonl").open("w", encoding="utf-8") as out:
             for i in range(len(cat)):
-                row = {"index": i, "item_id": cat.item_ids[i].item() if hasattr(cat.item_ids[i], "item") else cat.item_ids[i],
+                row = {"index": i, "item_id": cat.item_id(i),
                        "title": cat.titles[i], "year": cat.years[i], "genres": list(cat.genres[i]), "tags": list(cat.tags[i])}
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
         (tmp / "clients.json").write_text(json.dumps([c.tolist() for c in clients]), encoding="utf-8")

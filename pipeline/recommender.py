@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.config import FedrecConfig
 from pipeline.data import Dataset, load_dataset, partition_users
-from pipeline.data.dataset import SplitName, plain_scalar
+from pipeline.data.dataset import SplitName
 from pipeline.profile import build_profile
 from retrieval import Candidate, EmbeddingRetriever, ItemIndex, Query, Retriever, TextEmbedder, TowerRetriever
 
@@ -274,16 +274,82 @@ class Recommender:
             return self.trained.reranker(self, fusion_weight=weight)
         return VerbalizerReranker(self.backend, builder, fusion_weight=weight, soft_prompt=soft_prompt)
 
+    def request(
+        self, *, user_id: object = None, history: Sequence[object] | None = None, ratings: Sequence[float | None] | None = None,
+        candidates: Sequence[object] | None = None, split: SplitName | None = None,
+    ) -> RerankRequest:
+        """One rerank request from outside input; every id from a batch row, an API call or Python is checked here, once.
+
+        Args:
+            user_id: an existing user: their history before `split`'s target item (all of it when `split` is None).
+            history: instead of `user_id`, raw item ids the user liked, oldest first (answered by client 0's index).
+            ratings: one rating (or None) per `history` item.
+            candidates: raw item ids to rerank (scored by the retriever); retrieved when None.
+
+        Raises:
+            DataError: `user_id` is not in the dataset.
+            RequestError: naming the field: both or neither of user_id and history, unknown or duplicate ids, empty
+                lists, more candidates than labels.
+        """
+        from pipeline.errors import RequestError
+        from pipeline.rerank import RerankRequest
+        from prompts import labels_for
+
+        if (user_id is None) == (history is None):
+            raise RequestError("user_id", "give exactly one of user_id (an existing user) or history (item ids, oldest first)")
+        cat = self.dataset.catalog
+        if history is not None:
+            items = self._known_items("history", history)
+            if ratings is not None and len(ratings) != len(items):
+                raise RequestError("ratings", f"{len(ratings)} ratings for {len(items)} history items; give one per item (or none)")
+            values = np.array([np.nan if r is None else r for r in ratings], dtype=np.float64) if ratings is not None else None
+            if values is not None and not np.isfinite(values[~np.isnan(values)]).all():
+                raise RequestError("ratings", "ratings must be finite numbers (or null)")
+            client = 0
+        else:
+            user = self.dataset.user_index(user_id)
+            items = self.dataset.sequences[user] if split is None else self.split.histories(split)[user]
+            values, client = self.dataset.ratings[user][: len(items)], int(self.client_of[user])
+        profile = self.text_profile(items, values)
+        query = Query(tuple(int(i) for i in items), profile, client)
+        if candidates is None:
+            found = self.retriever.retrieve(query, self.cfg.retrieval.num_candidates)
+        else:
+            wanted = self._known_items("candidates", candidates)
+            repeated = sorted({cat.item_id(i) for i in wanted if wanted.count(i) > 1}, key=str)
+            if repeated:
+                raise RequestError("candidates", f"has duplicate item ids {repeated[:10]}; list each item once")
+            scores = self.retriever.score_items(query, wanted)
+            found = [Candidate(i, float(s)) for i, s in zip(wanted, scores, strict=True)]
+        try:
+            labels_for(len(found), self.cfg.rerank.label_set)
+        except ValueError as exc:
+            raise RequestError("candidates", str(exc)) from None
+        return RerankRequest(profile, query.history, tuple(found))
+
+    def _known_items(self, field: str, raw_ids: Sequence[object]) -> list[int]:
+        from pipeline.errors import RequestError
+
+        if not raw_ids:
+            raise RequestError(field, "is empty; list at least one item id (or omit it)")
+        cat = self.dataset.catalog
+        found = [cat.index_of(i) for i in raw_ids]
+        unknown = [i for i, j in zip(raw_ids, found, strict=True) if j is None]
+        if unknown:
+            shown = [u if len(str(u)) <= 40 else f"{str(u)[:40]}…" for u in unknown[:5]]
+            raise RequestError(field, f"has {len(unknown)} item id(s) not in {self.dataset.name}: {shown}; use ids from the catalogue")
+        return found  # type: ignore[return-value]
+
     def recommend(self, user_id: object, k: int = 10, split: SplitName = "test", *, rerank: bool = False) -> list[Recommendation]:
         """Top-k unseen items for a user id of the dataset, optionally reranked by the LLM."""
         user = np.array([self.dataset.user_index(user_id)])
         cat = self.dataset.catalog
         if not rerank:
             found = self.retriever.retrieve(self.queries(user, split)[0], k)
-            return [Recommendation(r + 1, plain_scalar(cat.item_ids[c.item]), cat.label(c.item), c.score) for r, c in enumerate(found)]
+            return [Recommendation(r + 1, cat.item_id(c.item), cat.label(c.item), c.score) for r, c in enumerate(found)]
         ranked = self.reranker().rerank(self.rerank_requests(user, split)[0])[:k]
         return [
-            Recommendation(r + 1, plain_scalar(cat.item_ids[x.item]), cat.label(x.item), x.score, x.retrieval_rank + 1, x.llm_score)
+            Recommendation(r + 1, cat.item_id(x.item), cat.label(x.item), x.score, x.retrieval_rank + 1, x.llm_score)
             for r, x in enumerate(ranked)
         ]
 

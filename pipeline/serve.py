@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
 import math
 import threading
@@ -19,15 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 
-from pipeline.data.dataset import plain_scalar
-from pipeline.errors import DataError, FedrecError
+from pipeline.errors import DataError, FedrecError, RequestError
 from pipeline.llm.base import LLMError
 from pipeline.recommender import Recommender
 
@@ -35,23 +32,28 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 MAX_HISTORY = 500
 """Longest ad-hoc history a request may send."""
+MAX_BODY_BYTES = 256 * 1024
+"""Largest request body accepted (a full 500-item history is about 25 KB); larger bodies get 413."""
+ItemId = Annotated[StrictInt | Annotated[StrictStr, StringConstraints(min_length=1, max_length=256)], Field(union_mode="left_to_right")]
+"""An item or user id as in the dataset: an integer or a non-empty string (never a bool or a float)."""
+_REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class HistoryItem(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _REQUEST
 
-    item_id: int | str = Field(description="Item id as in the dataset (e.g. a MovieLens movieId).")
+    item_id: ItemId = Field(description="Item id as in the dataset (e.g. a MovieLens movieId).")
     rating: float | None = Field(default=None, ge=0, le=10, description="Optional rating on the dataset's scale.")
 
 
 class RecommendRequest(BaseModel):
     """Either `user_id` (an existing user: their history before the test item) or `history` (ad hoc)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _REQUEST
 
-    user_id: int | str | None = Field(default=None, description="An existing user id of the dataset.")
+    user_id: ItemId | None = Field(default=None, description="An existing user id of the dataset.")
     history: list[HistoryItem] | None = Field(default=None, max_length=MAX_HISTORY, description="Liked items, oldest first.")
-    k: int = Field(default=10, ge=1, le=50, description="How many items to return.")
+    k: StrictInt = Field(default=10, ge=1, le=50, description="How many items to return.")
     soft_prompt: bool = Field(default=False, description="Rerank with the trained soft prompt and item tokens of the loaded run.")
     fusion_weight: float | None = Field(default=None, ge=0, le=1, description="LLM weight in the fused score (None: configured/tuned).")
     explain: bool = Field(default=True, description="Generate a short explanation of the top picks.")
@@ -195,14 +197,17 @@ class Demo:
 
     def users(self, limit: int) -> list[dict[str, Any]]:
         histories = self.rec.split.histories("test")
-        return [{"user_id": plain_scalar(self.rec.dataset.user_ids[u]), "history_length": len(histories[u])}
+        return [{"user_id": self.rec.dataset.user_id(u), "history_length": len(histories[u])}
                 for u in range(min(limit, self.rec.dataset.n_users))]
 
     def run_curves(self) -> dict[str, Any]:
-        results = self.run_results()
+        try:
+            results = self.run_results()
+        except FedrecError as exc:
+            return {"available": False, "reason": str(exc)}
         if results is None:
             return {"available": False, "reason": "no federated run found; `fedrec train --config …` writes one"}
-        history = results.get("history", [])
+        history = [h for h in results["history"] if isinstance(h, dict)]
         return {
             "available": True, "run": str(self.run), "rounds": results.get("rounds"), "clients": results.get("clients"),
             "engine": results.get("engine"),
@@ -212,42 +217,22 @@ class Demo:
         }
 
     def _item(self, i: int) -> dict[str, Any]:
-        return {"item_id": plain_scalar(self.rec.dataset.catalog.item_ids[i]), "title": self.rec.dataset.catalog.label(i)}
-
-    def history_of(self, request: RecommendRequest) -> tuple[np.ndarray, np.ndarray, int]:
-        """(item indices, ratings, client) of the request's user or ad-hoc history (client 0 answers ad-hoc ones);
-        errors name the field and the fix."""
-        if (request.user_id is None) == (request.history is None):
-            raise BadInput("give exactly one of `user_id` (an existing user) or `history` (a list of {item_id, rating})")
-        if request.user_id is not None:
-            try:
-                user = self.rec.dataset.user_index(request.user_id)
-            except DataError as exc:
-                raise NotFound(f"user_id: {exc}") from None
-            history = self.rec.split.histories("test")[user]
-            return history, self.rec.dataset.ratings[user][: len(history)], int(self.rec.client_of[user])
-        assert request.history is not None
-        if not request.history:
-            raise BadInput("`history` is empty: add at least one liked item (search with /api/items?q=…)")
-        cat = self.rec.dataset.catalog
-        found = [cat.index_of(h.item_id) for h in request.history]
-        unknown = [h.item_id for h, i in zip(request.history, found, strict=True) if i is None]
-        if unknown:
-            raise BadInput(f"`history` has item ids not in {self.rec.dataset.name}: {unknown[:10]}; find ids with /api/items?q=…")
-        ratings = np.array([np.nan if h.rating is None else h.rating for h in request.history], dtype=np.float64)
-        return np.array(found, dtype=np.int64), ratings, 0
+        return {"item_id": self.rec.dataset.catalog.item_id(i), "title": self.rec.dataset.catalog.label(i)}
 
     def recommend(self, request: RecommendRequest) -> dict[str, Any]:
         """The whole pipeline for one history; runs on the worker pool."""
-        from pipeline.rerank import RerankRequest
-        from retrieval import Query
-
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        history, ratings, client = self.history_of(request)
-        with self._retrieval_lock:
-            profile = self.rec.text_profile(history, ratings)
-            found = self.rec.retriever.retrieve(Query(tuple(history.tolist()), profile, client), self.rec.cfg.retrieval.num_candidates)
+        history = None if request.history is None else [h.item_id for h in request.history]
+        ratings = None if request.history is None else [h.rating for h in request.history]
+        try:
+            with self._retrieval_lock:
+                rerank_request = self.rec.request(user_id=request.user_id, history=history, ratings=ratings, split="test")
+        except DataError as exc:
+            raise NotFound(f"user_id: {exc}") from None
+        except RequestError as exc:
+            raise BadInput(f"{exc}{'; find ids with /api/items?q=…' if exc.field == 'history' else ''}") from None
+        profile, found = rerank_request.profile, list(rerank_request.candidates)
         timings["retrieve"] = (time.perf_counter() - start) * 1000
         trained = self.trained() if request.soft_prompt else None
         if request.soft_prompt and trained is None:
@@ -255,7 +240,7 @@ class Demo:
         weight = request.fusion_weight if request.fusion_weight is not None else self.rec.fusion_weight()
         start = time.perf_counter()
         reranker = trained[0](weight) if trained else self._zero_shot(weight)
-        ranked = reranker.rerank(RerankRequest(profile, tuple(history.tolist()), tuple(found)))[: request.k]
+        ranked = reranker.rerank(rerank_request)[: request.k]
         timings["rerank"] = (time.perf_counter() - start) * 1000
         explanation = None
         if request.explain and ranked:
@@ -267,7 +252,7 @@ class Demo:
             timings["explain"] = (time.perf_counter() - start) * 1000
         return {
             "profile": profile,
-            "history": [self._item(int(i)) for i in history[-50:]],
+            "history": [self._item(int(i)) for i in rerank_request.history[-50:]],
             "candidates": [{**self._item(c.item), "retrieval_rank": r + 1, "retrieval_score": float(c.score)} for r, c in enumerate(found)],
             "ranked": [{**self._item(x.item), "rank": r + 1, "retrieval_rank": x.retrieval_rank + 1,
                         "llm_probability": float(math.exp(x.llm_score)) if self.rec.cfg.rerank.method == "verbalizer" else 0.0,
@@ -296,20 +281,48 @@ def _with_weight(reranker, weight: float):  # noqa: ANN001, ANN202 - a copy, so 
     return out
 
 
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": message})
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes gets 413 before it is read into memory (declared or streamed)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"the request body is over the {self.limit:,}-byte limit; send at most {MAX_HISTORY} history items"
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await error(413, message)(scope, receive, send)
+        seen = 0
+
+        async def bounded() -> dict:
+            nonlocal seen
+            event = await receive()
+            seen += len(event.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(status_code=413, detail=message)
+            return event
+
+        return await self.app(scope, bounded, send)
+
+
 def create_app(demo: Demo) -> FastAPI:
     """The FastAPI app: JSON API under /api, the page at /."""
     app = FastAPI(title="fedrec", version="0.1.0", description="Federated LLM recommendation: profile → retrieval → rerank → explanation.")
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for error in exc.errors():
-            where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
-            problems.append(f"{where}: {error.get('msg', 'invalid')}")
-        return JSONResponse(status_code=422, content={"detail": "; ".join(problems), "errors": json.loads(json.dumps(exc.errors(), default=str))})
-
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse(status_code=status, content={"detail": message})
+        # The offending input is never echoed back: it may be huge, or NaN (which JSON cannot encode).
+        errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "invalid")), "type": str(e.get("type", ""))}
+                  for e in exc.errors()[:20]]
+        detail = "; ".join(f"{'.'.join(p for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in errors)
+        return JSONResponse(status_code=422, content={"detail": detail, "errors": errors})
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -355,6 +368,9 @@ def create_app(demo: Demo) -> FastAPI:
             return error(503, f"the LLM did not answer within {demo.timeout_s:.0f} s; try again or raise --timeout")
         except (LLMError, OSError, RuntimeError) as exc:
             return error(503, f"the LLM backend failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 - an unexpected failure is logged and answered as JSON, never a bare 500 page
+            log.exception("recommend failed")
+            return error(500, f"internal error ({type(exc).__name__}: {exc}); the server log has the traceback")
 
     return app
 

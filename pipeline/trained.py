@@ -127,9 +127,13 @@ class TrainedRun:
     def results(self) -> dict[str, Any]:
         path = self.folder / "results.json"
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            results = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise RunError(f"{path} is unreadable ({exc}); retrain with `fedrec train`") from None
+        missing = [k for k in ("history", "test", "rounds", "best_round") if k not in results] if isinstance(results, dict) else ["all keys"]
+        if missing or not isinstance(results["history"], list) or not isinstance(results["test"], dict):
+            raise RunError(f"{path} lacks {', '.join(missing) or 'a valid history or test section'}; retrain with `fedrec train`")
+        return results
 
     @cached_property
     def tower(self) -> RetrievalTower:

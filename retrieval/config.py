@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class TowerConfig(BaseModel):
     """Shape and training recipe of the retrieval tower (SASRec-style, full-softmax cross-entropy)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True, frozen=False, allow_inf_nan=False)
 
     dim: int = Field(default=64, ge=4)
     """Width of item embeddings and of the history encoder."""
@@ -24,7 +24,7 @@ class TowerConfig(BaseModel):
     """Dropout on the input embeddings, attention weights and feed-forward outputs (training only)."""
     item_init: Literal["text", "id"] = "text"
     """Item side: `text` = PCA projection of the frozen item-text embeddings + a learned residual; `id` = a random-init ID table (ablation)."""
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=1e-3, gt=0, le=1)
     """AdamW learning rate on the client (or centrally)."""
     weight_decay: float = Field(default=0.01, ge=0)
     """AdamW weight decay."""

@@ -117,10 +117,14 @@ class TextEmbedder:
         texts = list(texts)
         cache_file = self.cache_dir / f"{self.cache_key(texts)}.npy" if self.cache_dir and texts else None
         if cache_file is not None and cache_file.is_file():
-            vectors = np.load(cache_file)
-            if vectors.shape[0] == len(texts):
-                return vectors
-            log.warning("ignoring embedding cache %s: it holds %d rows for %d texts", cache_file, vectors.shape[0], len(texts))
+            try:
+                vectors = np.load(cache_file)
+            except (OSError, EOFError, ValueError) as exc:  # a cache is only a shortcut: a damaged one is recomputed
+                log.warning("ignoring unreadable embedding cache %s (%s)", cache_file, exc)
+            else:
+                if vectors.ndim == 2 and vectors.shape[0] == len(texts) and np.isfinite(vectors).all():
+                    return vectors
+                log.warning("ignoring embedding cache %s: it holds %s for %d texts", cache_file, vectors.shape, len(texts))
         vectors = self._encode(texts, progress, description)
         if cache_file is not None:
             with atomic_path(cache_file) as tmp:

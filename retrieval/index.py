@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,8 +165,8 @@ class ItemIndex:
             with np.load(path) as payload:
                 header = json.loads(payload["header"].tobytes())
                 index = faiss.deserialize_index(payload["index"])
-        except (OSError, KeyError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"{path} is not a fedrec index file ({exc}); rebuild it with `fedrec index build`") from None
+        except (OSError, EOFError, KeyError, ValueError, RuntimeError, zipfile.BadZipFile) as exc:  # empty, truncated or not ours
+            raise ValueError(f"{path} is not a fedrec index file ({type(exc).__name__}: {exc}); rebuild it with `fedrec index build`") from None
         loaded = cls(index, header["factory"], header.get("meta"))
         if expected_dim is not None and loaded.dim != expected_dim:
             raise IndexMismatchError(

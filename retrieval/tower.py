@@ -200,7 +200,7 @@ class RetrievalTower(nn.Module):
         out = []
         for row, history in enumerate(histories):
             ranked = scores[row].clone()
-            ranked[torch.as_tensor(np.asarray(history, dtype=np.int64))] = -torch.inf
+            ranked[torch.tensor(np.asarray(history, dtype=np.int64))] = -torch.inf
             top = torch.topk(ranked, n)
             out.append([Candidate(int(i), float(v)) for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)])
         return items, out

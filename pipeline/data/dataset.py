@@ -32,11 +32,16 @@ SplitName = Literal["valid", "test"]
 
 
 def _find(lookup: dict, raw_id: object) -> int | None:
-    """Look a raw id up as given, then as an integer or a string (CLI input arrives as text)."""
+    """Look a raw id up as given, then as an integer or a string (CLI input arrives as text).
+
+    Ids are opaque: any length, int or str; a bool, a list or a 5,000-digit number is simply not found.
+    """
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (int, str, np.integer, np.str_)):
+        return None
     if raw_id in lookup:
         return lookup[raw_id]
     text = str(raw_id).strip()
-    if text.lstrip("-").isdigit() and int(text) in lookup:
+    if len(text) <= 20 and text.lstrip("-").isdigit() and int(text) in lookup:
         return lookup[int(text)]
     return lookup.get(text)
 
@@ -77,6 +82,10 @@ class Catalog:
         """`text` for every item, in index order."""
         return [self.text(i, max_tags=max_tags) for i in range(len(self))]
 
+    def item_id(self, item: int) -> int | str:
+        """The raw id of item index `item` as a plain Python int or str (for JSON and messages)."""
+        return plain_scalar(self.item_ids[item])  # type: ignore[return-value]
+
     def index_of(self, raw_id: object) -> int | None:
         """Item index of a raw id (accepts the id as a string too), or None if unknown."""
         return _find(self._lookup, raw_id)
@@ -108,6 +117,10 @@ class Dataset:
     @property
     def n_interactions(self) -> int:
         return int(sum(len(s) for s in self.sequences))
+
+    def user_id(self, user: int) -> int | str:
+        """The raw id of user index `user` as a plain Python int or str."""
+        return plain_scalar(self.user_ids[user])  # type: ignore[return-value]
 
     def user_index(self, raw_id: object) -> int:
         """User index of a raw id; raises a DataError naming the id and a valid range."""

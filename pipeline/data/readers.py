@@ -24,6 +24,8 @@ ML100K_GENRES = (
     "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
     "War", "Western",
 )
+MAX_TIMESTAMP = 253_402_300_799_999
+"""Latest accepted timestamp: the end of year 9999 in milliseconds (seconds are far below it)."""
 _YEAR = re.compile(r"\s*\((\d{4})(?:[-–]\d{0,4})?\)\s*$")
 _ARTICLE = re.compile(r"^(?P<body>.+), (?P<art>The|A|An|Les|La|Le|L'|Il|El|Das|Die|Der|Los|Las|Det|Den)$")
 
@@ -62,6 +64,17 @@ def _line_of(frame: pd.DataFrame, position: int, header_lines: int) -> int:
     return int(lines[position]) if lines is not None else int(position) + 1 + header_lines
 
 
+def decode(path: Path, encoding: str = "utf-8") -> str:
+    """The text of `path`; a byte that is not `encoding` is reported with its line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"{path} line {line}, byte {column}: not valid {encoding} ({exc.reason}); re-save the file as {encoding}") from None
+
+
 def read_table(path: Path, sep: str, columns: list[str], *, header: bool, encoding: str = "utf-8") -> pd.DataFrame:
     """Read a delimited file as strings, checking it has exactly `columns`.
 
@@ -70,12 +83,11 @@ def read_table(path: Path, sep: str, columns: list[str], *, header: bool, encodi
     if not path.is_file():
         raise DataError(f"{path} is missing; check data.path or let fedrec download the dataset")
     try:
-        text = path.read_bytes().decode(encoding)
-    except UnicodeDecodeError as exc:
-        if encoding == "utf-8":
-            text = path.read_bytes().decode("latin-1")
-        else:
-            raise DataError(f"{path}: byte {exc.start} is not valid {encoding}; re-save the file as {encoding}") from None
+        text = decode(path, encoding)
+    except DataError:
+        if encoding != "utf-8":
+            raise
+        text = path.read_bytes().decode("latin-1")  # older MovieLens files are Latin-1
     if not text.strip():
         raise DataError(f"{path} is empty; it must hold {', '.join(columns)} rows")
     if sep == "::":
@@ -118,12 +130,13 @@ def read_table(path: Path, sep: str, columns: list[str], *, header: bool, encodi
 def to_number(frame: pd.DataFrame, column: str, path: Path, header_lines: int, *, integer: bool) -> pd.Series:
     """Convert a string column to numbers; the first bad value is reported with its line."""
     values = pd.to_numeric(frame[column].str.strip(), errors="coerce")
-    bad = values.isna().to_numpy().copy()
+    as_float = values.to_numpy(dtype=float, na_value=np.nan)
+    bad = ~np.isfinite(as_float)  # missing, text, inf and nan alike
     if integer:
-        bad |= values.fillna(0).to_numpy(dtype=float) % 1 != 0
+        bad |= (np.nan_to_num(as_float) % 1 != 0) | (np.abs(np.nan_to_num(as_float)) > 2**53)
     if bad.any():
         row = int(np.argmax(bad))
-        kind = "an integer" if integer else "a number"
+        kind = "an integer" if integer else "a finite number"
         raise DataError(
             f"{path} line {_line_of(frame, row, header_lines)}: {column} must be {kind}, "
             f"got {frame[column].iloc[row]!r}; fix or remove that row"
@@ -148,12 +161,12 @@ def _interactions(frame: pd.DataFrame, path: Path, header_lines: int, *, numeric
         out["rating"] = np.nan
     if "timestamp" in frame:
         stamps = to_number(frame, "timestamp", path, header_lines, integer=False)
-        negative = (stamps < 0).to_numpy()
-        if negative.any():
-            row = int(np.argmax(negative))
+        outside = ((stamps < 0) | (stamps > MAX_TIMESTAMP)).to_numpy()
+        if outside.any():
+            row = int(np.argmax(outside))
             raise DataError(
-                f"{path} line {_line_of(frame, row, header_lines)}: timestamp must be >= 0 (seconds since 1970), "
-                f"got {frame['timestamp'].iloc[row]!r}; fix or remove that row"
+                f"{path} line {_line_of(frame, row, header_lines)}: timestamp must be seconds (or milliseconds) since 1970, "
+                f"0..{MAX_TIMESTAMP}, got {frame['timestamp'].iloc[row]!r}; fix or remove that row"
             )
         out["timestamp"] = np.floor(stamps.to_numpy()).astype("int64")
     else:
@@ -296,22 +309,22 @@ def _read_records(path: Path) -> pd.DataFrame:
         raise DataError(f"{path} is missing; check data.path / data.items_path")
     if path.suffix in (".jsonl", ".ndjson", ".json"):
         rows = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path} line {number}: invalid JSON ({exc.msg}); fix or remove that line") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
-                rows.append({k: v if isinstance(v, list) else ("" if v is None else str(v)) for k, v in record.items()})
+        for number, line in enumerate(decode(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise DataError(f"{path} line {number}: invalid JSON ({reason}); fix or remove that line") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+            rows.append({k: v if isinstance(v, list) else ("" if v is None else str(v)) for k, v in record.items()})
         if not rows:
             raise DataError(f"{path} is empty")
         return pd.DataFrame(rows).fillna("")
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        return pd.read_csv(io.StringIO(decode(path)), dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path} is empty") from None
     except pd.errors.ParserError as exc:
