@@ -69,7 +69,8 @@ class PromptBuilder:
     """Renders a prompt from structured data and makes it fit the model's context.
 
     When the prompt is too long, history titles are dropped first (oldest first), then titles are
-    shortened; a warning says what was cut.
+    shortened; a warning says what was cut. Titles and the profile are made inert against the
+    backend's control tokens (`prompts.render_chat`), so a title cannot open a chat turn.
     """
 
     def __init__(self, backend: LLMBackend, catalog: Catalog, cfg: RerankConfig, *, item_tokens: bool = False) -> None:
@@ -92,13 +93,14 @@ class PromptBuilder:
         history = [self.catalog.label(i) for i in list(request.history)[-self.cfg.max_history_titles :]] if self.cfg.max_history_titles else []
         titles = [self.catalog.label(c.item) for c in request.candidates]
         budget = self.backend.context_length - reserve
+        control = self.backend.control_tokens()
 
         def render(hist: list[str], limit: int | None) -> Messages:
             def cut(title: str) -> str:
                 return title if limit is None or len(title) <= limit else title[: limit - 1] + "…"
 
             return prompts.render_chat(
-                template, profile=request.profile, history=[cut(t) for t in hist],
+                template, control_tokens=control, profile=request.profile, history=[cut(t) for t in hist],
                 candidates=[{"label": lab, "title": cut(t), "item_slot": slot} for lab, t in zip(labels, titles, strict=True)],
                 labels=labels,
             )
@@ -248,7 +250,8 @@ class ListwiseReranker(Reranker):
             return self.max_tokens
         if self.builder.cfg.listwise_template == "listwise.v1":
             return 3 * len(request.candidates) + 4
-        return sum(self.backend.count_tokens(f"({c}) {self.builder.catalog.label(x.item)}\n") for c, x in
+        control = self.backend.control_tokens()
+        return sum(self.backend.count_tokens(prompts.inert(f"({c}) {self.builder.catalog.label(x.item)}\n", control)) for c, x in
                    zip(self.builder.labels(len(request.candidates)), request.candidates, strict=True)) + 8
 
     def rerank_batch(self, requests: Sequence[RerankRequest]) -> list[list[RankedItem]]:
@@ -267,7 +270,7 @@ class ListwiseReranker(Reranker):
 
 def explain(backend: LLMBackend, profile: str, titles: Sequence[str], cfg: RerankConfig) -> str:
     """A short generated note on why `titles` suit the user."""
-    messages = prompts.render_chat(cfg.explain_template, profile=profile, picks=list(titles))
+    messages = prompts.render_chat(cfg.explain_template, control_tokens=backend.control_tokens(), profile=profile, picks=list(titles))
     return backend.generate([messages], max_tokens=cfg.explain_max_tokens)[0]
 
 

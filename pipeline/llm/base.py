@@ -6,6 +6,13 @@ A soft prompt is a `(m, hidden)` tensor of input embeddings on its own line at t
 first user message: the user content becomes `<soft prompt>` + "\n" + content. That is exactly
 what vLLM renders for a chat message whose content parts are `[prompt_embeds, text]` (it joins
 parts with a newline), so both backends see the same sequence.
+
+Only the chat template may put control tokens in a prompt. `prompts.render_chat` already strips
+them from data (given `control_tokens()`), and `encode` checks the result: the special-token ids
+of the encoded prompt must be exactly those the chat template makes for the same roles with
+placeholder contents, or it raises. Every backend scores or sends a prompt only after `encode`,
+so text with `<|im_start|>` in a title can never open a real turn, in process or on a server
+that re-renders the messages with the same tokenizer.
 """
 
 from __future__ import annotations
@@ -19,14 +26,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from prompts import SLOT_MARK, Verbatim
+
 if TYPE_CHECKING:
     import torch
 
 Messages = list[dict[str, str]]
-SOFT_PROMPT_SLOT = "\u2063soft-prompt\u2063"
+# Verbatim: templates keep these markers, while data loses every SLOT_MARK (see `prompts`).
+SOFT_PROMPT_SLOT = Verbatim(f"{SLOT_MARK}soft-prompt{SLOT_MARK}")
 """Marker rendered where the soft prompt goes, then split out before tokenisation."""
-ITEM_SLOT = "\u2063item\u2063"
+ITEM_SLOT = Verbatim(f"{SLOT_MARK}item{SLOT_MARK}")
 """Marker a template renders right after a candidate's title, where its collaborative item token goes."""
+_PLACEHOLDER = "x"
+"""Message content for the chat template's own control tokens (not empty: some templates skip empty messages)."""
 _SLOTS = re.compile(f"({re.escape(SOFT_PROMPT_SLOT)}|{re.escape(ITEM_SLOT)})")
 
 
@@ -110,8 +122,30 @@ class LLMBackend(ABC):
         """Length of the rendered prompt in tokens."""
         return self.count_tokens(self.render(messages))
 
+    def control_tokens(self) -> tuple[str, ...]:
+        """The strings this tokenizer reads as control tokens: its special tokens and added special tokens."""
+        added = getattr(self.tokenizer, "added_tokens_decoder", None) or {}
+        found = set(self.tokenizer.all_special_tokens) | {t.content for t in added.values() if getattr(t, "special", False)}
+        return tuple(sorted(found))
+
+    def _special_ids(self) -> set[int]:
+        tok = self.tokenizer
+        added = getattr(tok, "added_tokens_decoder", None) or {}
+        ids = set(tok.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+        # Without byte fallback an odd character encodes as unk, which opens no turn; keep it only when it doubles as one.
+        unk = getattr(tok, "unk_token_id", None)
+        if unk not in {getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None), getattr(tok, "pad_token_id", None)}:
+            ids.discard(unk)
+        return ids
+
     def encode(self, messages: Messages, *, with_slot: bool) -> EncodedPrompt:
-        """Token ids of the rendered prompt, split at item-token slots and (with `with_slot`) the soft-prompt slot."""
+        """Token ids of the rendered prompt, split at item-token slots and (with `with_slot`) the soft-prompt slot.
+
+        Raises:
+            ValueError: a message holds control-token text or a soft-prompt marker of its own.
+        """
+        if any(SOFT_PROMPT_SLOT in m["content"] for m in messages):
+            raise ValueError("a message already holds the soft-prompt slot marker; render data with prompts.render_chat, which drops it")
         marked = [dict(m) for m in messages]
         if with_slot:
             first_user = next((i for i, m in enumerate(marked) if m["role"] == "user"), None)
@@ -121,7 +155,24 @@ class LLMBackend(ABC):
         parts = _SLOTS.split(self.render(marked))
         pieces = tuple(tuple(self._ids(text)) for text in parts[0::2])
         slots = tuple("soft" if marker == SOFT_PROMPT_SLOT else "item" for marker in parts[1::2])
-        return EncodedPrompt(pieces, slots)
+        encoded = EncodedPrompt(pieces, slots)
+        self._check_control_tokens(messages, encoded.ids)
+        return encoded
+
+    def _check_control_tokens(self, messages: Messages, ids: Sequence[int]) -> None:
+        """Raise unless the special-token ids in `ids` are exactly the chat template's own, in order."""
+        special = self._special_ids()
+        found = [t for t in ids if t in special]
+        skeleton = self._ids(self.render([{"role": m["role"], "content": _PLACEHOLDER} for m in messages]))
+        expected = [t for t in skeleton if t in special]
+        if found != expected:
+            texts = [m["content"] for m in messages]
+            named = [tok for tok in self.control_tokens() if any(tok in text for text in texts)]
+            raise ValueError(
+                f"the prompt has {len(found)} control tokens where its chat template makes {len(expected)}: the messages "
+                f"hold {', '.join(map(repr, named)) or 'control-token text'}; render data with prompts.render_chat "
+                "(control_tokens=backend.control_tokens()), which removes them, or use prompts.inert on the text"
+            )
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])

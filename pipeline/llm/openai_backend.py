@@ -13,6 +13,10 @@ Item tokens travel either way too. As chat parts, vLLM joins every content part 
 so a chat request reproduces the in-process prompt only when each item slot sits on its own line
 (`rerank.v3`); such a request carries the item rows only (KBs) where /completions carries the
 whole prompt's embeddings (MBs). Measured in tests/test_vllm.py.
+
+The server re-renders chat messages and parses control tokens in their text, so every request
+is first encoded here with the same tokenizer (`LLMBackend.encode`), which refuses messages
+whose text would add a control token to the ones the chat template makes.
 """
 
 from __future__ import annotations
@@ -167,6 +171,8 @@ class OpenAIBackend(LLMBackend):
             "return_tokens_as_token_ids": True,
         }
         plain = soft_prompt is None and item_tokens is None
+        # Encoded locally even when sent as text: this is what refuses control tokens from data.
+        encoded = self.encode(messages, with_slot=soft_prompt is not None)
         if plain or self.soft_prompt_transport == "chat":
             if not plain:
                 messages = self._with_embedding_parts(messages, soft_prompt, item_tokens)
@@ -177,7 +183,6 @@ class OpenAIBackend(LLMBackend):
         else:
             import torch
 
-            encoded = self.encode(messages, with_slot=soft_prompt is not None)
             table = self.embedding_table
             with torch.no_grad():
                 embeds = encoded.compose(lambda ids: table[list(ids)], None if soft_prompt is None else soft_prompt.detach().cpu(),
@@ -230,6 +235,7 @@ class OpenAIBackend(LLMBackend):
 
     def generate(self, prompts: Sequence[Messages], *, max_tokens: int = 64) -> list[str]:
         def one(messages: Messages) -> str:
+            self.encode(messages, with_slot=False)  # refuses control tokens from data before the server parses them
             body = {"model": self.served_model, "messages": list(messages), "max_tokens": max_tokens, "temperature": 0.0}
             return str(self._request("POST", "/chat/completions", body)["choices"][0]["message"]["content"] or "").strip()
 
