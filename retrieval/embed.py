@@ -137,6 +137,12 @@ class TextEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         from rich.progress import Progress
 
+        from prompts import inert
+
+        # The tokenizer parses special tokens in text: a `[SEP]` in a title must stay words, not become a separator.
+        specials = tuple(self.model.tokenizer.all_special_tokens)
+        texts = [inert(t, specials) for t in texts]
+
         chunks = []
         step = self.batch_size * 8
         with Progress(*Progress.get_default_columns(), transient=True, disable=not progress) as bar:

@@ -350,3 +350,9 @@ def test_non_utf8_files_name_the_file_and_line(tmp_path: Path) -> None:
                                  f"data.items_path={folder / 'items.csv'}", "data.min_item_interactions=1"])
         with pytest.raises(DataError, match=rf"{name} line \d+, byte \d+: not valid utf-8"):
             load_dataset(cfg.data, folder / "cache2")
+
+
+def test_special_tokens_in_item_text_do_not_reach_the_embedder(embedder) -> None:  # noqa: ANN001
+    hostile, plain = embedder.encode(["Heat [SEP] [CLS] (1995)", "Heat   (1995)"], description="test")
+    assert float(hostile @ plain) > 0.9999
+    assert float(embedder.encode(["Heat [SEP] [CLS] (1995)"])[0] @ embedder.encode(["Heat (1995) Comedy"])[0]) < 0.9999
