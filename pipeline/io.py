@@ -67,3 +67,20 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def prefix_digest(path: str | Path, size: int, algorithm: str = "sha256") -> Any:
+    """Hash object over the first `size` bytes of a file (all of it if shorter), read in chunks.
+
+    The object is returned, not its hex digest, so a caller appending to the file can keep feeding it.
+    """
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        left = size
+        while left > 0:
+            chunk = handle.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest

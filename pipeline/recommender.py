@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,6 +22,7 @@ import numpy as np
 from pipeline.config import FedrecConfig
 from pipeline.data import Dataset, load_dataset, partition_users
 from pipeline.data.dataset import SplitName
+from pipeline.errors import RequestError, show_ids
 from pipeline.profile import build_profile
 from retrieval import Candidate, EmbeddingRetriever, ItemIndex, Query, Retriever, TextEmbedder, TowerRetriever
 
@@ -291,13 +293,11 @@ class Recommender:
             RequestError: naming the field: both or neither of user_id and history, unknown or duplicate ids, empty
                 lists, more candidates than labels.
         """
-        from pipeline.errors import RequestError
         from pipeline.rerank import RerankRequest
         from prompts import labels_for
 
         if (user_id is None) == (history is None):
             raise RequestError("user_id", "give exactly one of user_id (an existing user) or history (item ids, oldest first)")
-        cat = self.dataset.catalog
         if history is not None:
             items = self._known_items("history", history)
             if ratings is not None and len(ratings) != len(items):
@@ -316,9 +316,10 @@ class Recommender:
             found = self.retriever.retrieve(query, self.cfg.retrieval.num_candidates)
         else:
             wanted = self._known_items("candidates", candidates)
-            repeated = sorted({cat.item_id(i) for i in wanted if wanted.count(i) > 1}, key=str)
-            if repeated:
-                raise RequestError("candidates", f"has duplicate item ids {repeated[:10]}; list each item once")
+            counts = Counter(wanted)
+            if len(counts) < len(wanted):  # 3 and "3" name one item too
+                repeated = [raw for raw, i in zip(candidates, wanted, strict=True) if counts[i] > 1]
+                raise RequestError("candidates", f"has duplicate item ids {show_ids(list(dict.fromkeys(repeated)))}; list each item once")
             scores = self.retriever.score_items(query, wanted)
             found = [Candidate(i, float(s)) for i, s in zip(wanted, scores, strict=True)]
         try:
@@ -328,16 +329,13 @@ class Recommender:
         return RerankRequest(profile, query.history, tuple(found))
 
     def _known_items(self, field: str, raw_ids: Sequence[object]) -> list[int]:
-        from pipeline.errors import RequestError
-
         if not raw_ids:
             raise RequestError(field, "is empty; list at least one item id (or omit it)")
         cat = self.dataset.catalog
         found = [cat.index_of(i) for i in raw_ids]
         unknown = [i for i, j in zip(raw_ids, found, strict=True) if j is None]
         if unknown:
-            shown = [u if len(str(u)) <= 40 else f"{str(u)[:40]}…" for u in unknown[:5]]
-            raise RequestError(field, f"has {len(unknown)} item id(s) not in {self.dataset.name}: {shown}; use ids from the catalogue")
+            raise RequestError(field, f"has {len(unknown)} item id(s) not in {self.dataset.name}: {show_ids(unknown)}; use ids from the catalogue")
         return found  # type: ignore[return-value]
 
     def recommend(self, user_id: object, k: int = 10, split: SplitName = "test", *, rerank: bool = False) -> list[Recommendation]:
