@@ -47,8 +47,10 @@ def _config(config: Path | None, overrides: list[str] | None) -> FedrecConfig:
 
 def _recommender(cfg: FedrecConfig, run: Path | None = None, *, serving: bool = False):  # noqa: ANN202 - pipeline.recommender.Recommender
     """The recommender; `serving`: load the run (`run`, else the newest matching one) and say where candidates come from."""
+    from pipeline.io import check_writable
     from pipeline.recommender import Recommender
 
+    check_writable(cfg.resolved_cache_dir(), "cache_dir", folder=True)
     with console.status(f"loading {cfg.data.name}"):
         rec = Recommender.from_config(cfg, progress=True, run=run if run is not None else "auto")
     if serving:
@@ -85,10 +87,11 @@ def config_reference() -> None:
 def data_info(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     """Counts and files of the dataset after preprocessing."""
     from pipeline.data import load_dataset
+    from pipeline.io import check_writable
 
     cfg = _config(config, overrides)
     start = time.perf_counter()
-    dataset = load_dataset(cfg.data, cfg.resolved_cache_dir())
+    dataset = load_dataset(cfg.data, check_writable(cfg.resolved_cache_dir(), "cache_dir", folder=True))
     elapsed = time.perf_counter() - start
     table = Table(title=f"{dataset.name} after {cfg.data.min_user_interactions}/{cfg.data.min_item_interactions}-core")
     table.add_column("field")
@@ -112,8 +115,12 @@ def data_prepare(
     from pipeline.data import load_dataset
     from pipeline.prepare import write_prepared
 
+    from pipeline.io import check_writable
+
     cfg = _config(config, overrides)
-    dataset = load_dataset(cfg.data, cfg.resolved_cache_dir())
+    if output is not None:
+        check_writable(output, "--output", folder=True)
+    dataset = load_dataset(cfg.data, check_writable(cfg.resolved_cache_dir(), "cache_dir", folder=True))
     target = output or cfg.resolved_cache_dir() / "prepared" / dataset.name
     summary = write_prepared(dataset, cfg, target)
     _say("wrote", "green", f"{target}: {summary['users']:,} users, {summary['items']:,} items, "
@@ -219,15 +226,15 @@ def render_report(report: dict) -> list[Table]:
 
 def _run_evaluation(cfg: FedrecConfig, stage: str, output: Path | None, run: Path | None = None, rec=None) -> dict:  # noqa: ANN001
     from pipeline.evaluate import evaluate_recommender
-    from pipeline.io import write_json
+    from pipeline.io import check_writable, write_json
 
     rec = rec if rec is not None else _recommender(cfg, run, serving=True)
+    target = check_writable(output or cfg.output_dir / f"eval-{rec.dataset.name}-{stage}.json", "--output")
     if "text" in cfg.eval.baselines:
         rec.index  # noqa: B018 - embeds items (progress bar) before the evaluation bars start
     report = evaluate_recommender(rec, stage=stage, progress=True)
     for table in render_report(report):
         console.print(table)
-    target = output or cfg.output_dir / f"eval-{report['dataset']}-{stage}.json"
     write_json(target, report)
     console.print(f"report written to {target}", style="dim")
     return report
@@ -244,7 +251,10 @@ def train(
     from federation.runner import train as run_training
     from pipeline.trained import run_dir
 
+    from pipeline.io import check_writable
+
     cfg = _config(config, (overrides or []) + ([f"federation.engine={engine}"] if engine else []))
+    check_writable(cfg.output_dir, "output_dir", folder=True)
     rec = _recommender(cfg)
     rec.item_vectors  # noqa: B018 - embeds (or loads) before the rounds start
     results = run_training(rec, resume=resume, progress=True)
@@ -315,9 +325,11 @@ def demo(
     """The main job: federated training of the tower (reused when this config already has a run), a few users'
     recommendations (tower → the user's client FAISS index → LLM rerank, with an explanation), then the evaluation."""
     from federation.runner import train as run_training
+    from pipeline.io import check_writable
     from pipeline.trained import find_run, load_trained, run_dir
 
     cfg = _config(config, overrides)
+    check_writable(cfg.output_dir, "output_dir", folder=True)
     rec = _recommender(cfg)
     stats = rec.dataset.stats()
     _say(stats["dataset"], "bold", f"({rec.dataset.source.get('origin')}): {stats['users']:,} users, "

@@ -356,3 +356,12 @@ def test_special_tokens_in_item_text_do_not_reach_the_embedder(embedder) -> None
     hostile, plain = embedder.encode(["Heat [SEP] [CLS] (1995)", "Heat   (1995)"], description="test")
     assert float(hostile @ plain) > 0.9999
     assert float(embedder.encode(["Heat [SEP] [CLS] (1995)"])[0] @ embedder.encode(["Heat (1995) Comedy"])[0]) < 0.9999
+
+
+def test_output_paths_are_checked_before_work(tmp_path: Path) -> None:
+    blocker = write(tmp_path / "a-file", "x")
+    _refused(_cli("evaluate", "-c", str(TINY), "--output", str(tmp_path)), f"--output {tmp_path} is a folder")
+    _refused(_cli("evaluate", "-c", str(TINY), "--output", str(blocker / "r.json")), "a-file is a file, not a folder")
+    _refused(_cli("train", "-c", str(TINY), "--set", f"output_dir={blocker}"), f"output_dir {blocker} is a file, not a folder")
+    _refused(_cli("data", "info", "-c", str(TINY), "--set", f"cache_dir={blocker / 'c'}"), "a-file is a file, not a folder")
+    _refused(_cli("recommend", "-u", "1", "-c", str(TINY), "--set", f"cache_dir={blocker}"), f"cache_dir {blocker} is a file")
