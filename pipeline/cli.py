@@ -113,9 +113,8 @@ def data_prepare(
 ) -> None:
     """Write the preprocessed dataset, its split and client partitions to a directory."""
     from pipeline.data import load_dataset
-    from pipeline.prepare import write_prepared
-
     from pipeline.io import check_writable
+    from pipeline.prepare import write_prepared
 
     cfg = _config(config, overrides)
     if output is not None:
@@ -249,9 +248,8 @@ def train(
 ) -> None:
     """Federated training of the retrieval tower with Flower; checkpoints every round, keeps the best, writes the run folder."""
     from federation.runner import train as run_training
-    from pipeline.trained import run_dir
-
     from pipeline.io import check_writable
+    from pipeline.trained import run_dir
 
     cfg = _config(config, (overrides or []) + ([f"federation.engine={engine}"] if engine else []))
     check_writable(cfg.output_dir, "output_dir", folder=True)
