@@ -487,7 +487,8 @@ def run_job(
     from pipeline.ui import rate_progress
 
     if not input_path.is_file():
-        raise FedrecError(f"--input {input_path} does not exist")
+        state = "is not a regular file" if input_path.exists() else "does not exist"
+        raise FedrecError(f"--input {input_path} {state}; pass a JSONL file of requests")
     if batch_size < 1:
         raise FedrecError(f"--batch-size must be >= 1, got {batch_size}")
     errors_path = errors_path or output_path.with_name(output_path.name + ".errors.jsonl")

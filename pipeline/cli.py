@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -151,7 +152,7 @@ def recommend(
     user: Annotated[str, typer.Option("--user", "-u", help="User id as it appears in the dataset.")],
     config: ConfigOpt = None,
     overrides: SetOpt = None,
-    k: Annotated[int, typer.Option("-k", min=1, help="How many items to show.")] = 10,
+    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="How many items to show.")] = 10,
     split: SplitOpt = "test",
     rerank: Annotated[bool, typer.Option("--rerank/--no-rerank", help="Rerank the retrieved candidates with the LLM.")] = False,
     explain: Annotated[bool, typer.Option("--explain/--no-explain", help="Generate a short explanation (with --rerank).")] = False,
@@ -279,7 +280,7 @@ def rerank_job(
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     errors_path: Annotated[Path | None, typer.Option("--errors", help="Bad rows with line numbers (default: <output>.errors.jsonl).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Requests per LLM batch and per checkpoint.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=100_000, help="Requests per LLM batch and per checkpoint.")] = 16,
     engine: Annotated[str, typer.Option(help="local (resumable) or ray (Ray Data map_batches; output is a folder).")] = "local",
     run: RunOpt = None,
 ) -> None:
@@ -316,9 +317,9 @@ def evaluate(
 def demo(
     config: ConfigOpt = None,
     overrides: SetOpt = None,
-    users: Annotated[int, typer.Option(min=1, help="How many users to show recommendations for.")] = 3,
-    k: Annotated[int, typer.Option("-k", min=1, help="Items per user.")] = 10,
-    rerank_users: Annotated[int, typer.Option(min=1, help="Users in the LLM-rerank evaluation (valid tunes the fusion weight, test reports).")] = 40,
+    users: Annotated[int, typer.Option(min=1, max=1000, help="How many users to show recommendations for.")] = 3,
+    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Items per user.")] = 10,
+    rerank_users: Annotated[int, typer.Option(min=1, max=1_000_000, help="Users in the LLM-rerank evaluation (valid tunes the fusion weight, test reports).")] = 40,
 ) -> None:
     """The main job: federated training of the tower (reused when this config already has a run), a few users'
     recommendations (tower → the user's client FAISS index → LLM rerank, with an explanation), then the evaluation."""
@@ -383,14 +384,16 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1 keeps the page local; 0.0.0.0 exposes it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     run: RunOpt = None,
-    timeout: Annotated[float, typer.Option(min=1, help="Seconds one request may wait for the LLM before a 503.")] = 120.0,
-    max_queue: Annotated[int, typer.Option(min=1, help="Requests admitted at once; more get a 503 'busy'.")] = 32,
+    timeout: Annotated[float, typer.Option(min=1, max=86_400, help="Seconds one request may wait for the LLM before a 503.")] = 120.0,
+    max_queue: Annotated[int, typer.Option(min=1, max=10_000, help="Requests admitted at once; more get a 503 'busy'.")] = 32,
 ) -> None:
     """The demo page and JSON API (OpenAPI schema at /openapi.json): search, profile, candidates, LLM ranking, explanation."""
     try:
         from pipeline.serve import serve as start
     except ImportError as exc:
         raise ImportError(f"fedrec serve needs the serve extra: pip install -e '.[serve]' ({exc})") from None
+    if not math.isfinite(timeout):  # click's range check lets nan through
+        raise FedrecError(f"--timeout must be a finite number of seconds, got {timeout}")
     cfg = _config(config, overrides)
     rec = _recommender(cfg, run, serving=True)
     with console.status("building the item index"):

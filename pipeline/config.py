@@ -8,8 +8,9 @@ key, the value and what is allowed.
 from __future__ import annotations
 
 import os
+import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -51,7 +52,7 @@ class DataConfig(_Section):
     """What to do with interactions whose item is absent from the catalogue."""
     use_tags: bool = True
     """Append user tags (where the dataset has them) to the item text."""
-    max_tags: int = Field(default=5, ge=0)
+    max_tags: int = Field(default=5, ge=0, le=1000)
     """Most frequent tags kept per item."""
     download: bool = True
     """Download from GroupLens (checksum-verified) when no local copy is found."""
@@ -85,31 +86,31 @@ class DataConfig(_Section):
 class PartitionConfig(_Section):
     scheme: Literal["user", "group"] = "user"
     """`user`: one user per client (cross-device); `group`: `num_clients` user groups (cross-silo)."""
-    num_clients: int = Field(default=10, ge=1)
+    num_clients: int = Field(default=10, ge=1, le=10_000_000)
     """Number of clients for the `group` scheme."""
     split: Literal["random", "dirichlet"] = "random"
     """How users are assigned to groups: uniformly at random, or non-IID by dominant genre."""
-    alpha: float = Field(default=0.5, gt=0)
+    alpha: float = Field(default=0.5, ge=1e-3, le=1e6)
     """Dirichlet concentration for `dirichlet` (smaller is more skewed)."""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     """Seed for the assignment."""
 
 
 class ProfileConfig(_Section):
     template: str = "profile.v1"
     """Prompt template (file `prompts/templates/<template>.jinja`)."""
-    max_recent_items: int = Field(default=10, ge=0)
+    max_recent_items: int = Field(default=10, ge=0, le=1000)
     """Most recent history items listed in the profile."""
-    top_genres: int = Field(default=3, ge=0)
+    top_genres: int = Field(default=3, ge=0, le=100)
     """Dominant genres listed."""
-    max_tokens: int = Field(default=256, ge=16)
+    max_tokens: int = Field(default=256, ge=16, le=100_000)
     """Upper bound on the profile length in tokens of the embedder's tokenizer."""
 
 
 class EmbedderConfig(_Section):
     model: str = "all-MiniLM-L6-v2"
     """Sentence-transformers model: the packaged all-MiniLM-L6-v2 by default, or a local path / HF id."""
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1, le=65_536)
     """Texts per encoding batch."""
     normalize: bool = True
     """L2-normalise embeddings so inner product is cosine similarity."""
@@ -120,9 +121,9 @@ class EmbedderConfig(_Section):
 class IndexConfig(_Section):
     factory: str = "Flat"
     """FAISS index factory string (`Flat`, `HNSW32`, `IVF256,PQ16`, ...); inner-product metric."""
-    nprobe: int = Field(default=16, ge=1)
+    nprobe: int = Field(default=16, ge=1, le=65_536)
     """IVF lists probed per query."""
-    ef_search: int = Field(default=128, ge=1)
+    ef_search: int = Field(default=128, ge=1, le=65_536)
     """HNSW search depth."""
 
 
@@ -133,9 +134,9 @@ class RetrievalConfig(_Section):
     """Weight of the pooled history in `hybrid` (the profile gets 1 - weight)."""
     recency_decay: float = Field(default=0.9, gt=0, le=1)
     """Pooling weight ratio between consecutive history items (1 = plain mean)."""
-    max_history: int = Field(default=50, ge=1)
+    max_history: int = Field(default=50, ge=1, le=10_000)
     """Most recent items pooled."""
-    num_candidates: int = Field(default=20, ge=1)
+    num_candidates: int = Field(default=20, ge=1, le=1000)
     """Candidates returned for reranking."""
 
 
@@ -148,9 +149,9 @@ class LLMConfig(_Section):
     """Weights dtype for in-process and offline backends (bf16 is ~2x faster on CPU); label scores always come from fp32 logits."""
     device: str = "cpu"
     """Torch device for the in-process backend."""
-    batch_size: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=1, ge=1, le=4096)
     """Prompts per in-process forward pass (1 is fastest on CPU: padded batches cost more than they save)."""
-    max_context: int | None = Field(default=None, ge=64)
+    max_context: int | None = Field(default=None, ge=64, le=10_000_000)
     """Prompt budget in tokens (default: the model's context length)."""
     base_url: str = "http://127.0.0.1:8000/v1"
     """OpenAI-compatible endpoint for `openai`."""
@@ -158,11 +159,11 @@ class LLMConfig(_Section):
     """Model name on the server (default: the first one /v1/models lists)."""
     api_key_env: str = "OPENAI_API_KEY"
     """Environment variable holding the server's API key (unset: no key sent)."""
-    concurrency: int = Field(default=4, ge=1)
+    concurrency: int = Field(default=4, ge=1, le=1024)
     """Requests in flight at once for `openai`."""
-    timeout_s: float = Field(default=60.0, gt=0)
+    timeout_s: float = Field(default=60.0, gt=0, le=86_400)
     """Per-request timeout for `openai`."""
-    max_retries: int = Field(default=3, ge=0)
+    max_retries: int = Field(default=3, ge=0, le=100)
     """Retries with exponential backoff on connection errors, timeouts and 5xx for `openai`."""
     soft_prompt_transport: Literal["chat", "completions"] = "chat"
     """How `openai` sends a soft prompt: a `prompt_embeds` chat content part, or full-prompt embeddings on /completions."""
@@ -179,28 +180,28 @@ class RerankConfig(_Section):
     """Listwise-generation prompt."""
     explain_template: str = "explain.v1"
     """Explanation prompt for demos."""
-    max_history_titles: int = Field(default=10, ge=0)
+    max_history_titles: int = Field(default=10, ge=0, le=1000)
     """Most recent history titles listed in the prompt."""
-    max_title_chars: int = Field(default=80, ge=8)
+    max_title_chars: int = Field(default=80, ge=8, le=10_000)
     """Titles longer than this are cut when the prompt must shrink to fit the context."""
     fusion_weight: float | None = Field(default=None, ge=0, le=1)
     """Weight of the LLM score against the retrieval score; None = chosen on validation."""
-    fusion_grid: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    fusion_grid: Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=1)] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
     """Weights tried on validation (0 = retrieval order, so reranking never scores below retrieval there)."""
-    explain_max_tokens: int = Field(default=60, ge=1)
+    explain_max_tokens: int = Field(default=60, ge=1, le=4096)
     """Length of a generated explanation."""
 
 
 class FederationConfig(_Section):
-    rounds: int = Field(default=10, ge=1)
+    rounds: int = Field(default=10, ge=1, le=1_000_000)
     """Most federated rounds (training may stop earlier, see patience)."""
     clients_per_round: int | None = Field(default=None, ge=1)
     """Clients sampled each round (None = all)."""
     min_clients: int = Field(default=1, ge=1)
     """A round aggregates what arrived if at least this many valid updates did; otherwise the state is kept."""
-    local_epochs: int = Field(default=1, ge=1)
+    local_epochs: int = Field(default=1, ge=1, le=10_000)
     """Passes over each client's local windows per round (ignored when local_steps is set)."""
-    local_steps: int | None = Field(default=None, ge=1)
+    local_steps: int | None = Field(default=None, ge=1, le=1_000_000)
     """Optimiser steps per client per round, whatever its data size (None = local_epochs passes)."""
     patience: int | None = Field(default=10, ge=1)
     """Stop after this many rounds without a better validation R@10; the best round is what the run keeps (None = run every round)."""
@@ -208,17 +209,17 @@ class FederationConfig(_Section):
     """How valid updates are combined."""
     trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)
     """Fraction trimmed at each end for `trimmed_mean`."""
-    prox_mu: float = Field(default=0.0, ge=0)
+    prox_mu: float = Field(default=0.0, ge=0, le=1e4)
     """FedProx proximal weight (0 = FedAvg local objective)."""
     server_optimizer: Literal["none", "fedadam"] = "none"
     """Apply the aggregate directly, or through server-side Adam (FedOpt)."""
     server_lr: float = Field(default=0.01, gt=0, le=10)
     """Server learning rate for `fedadam`."""
-    max_update_norm: float | None = Field(default=None, gt=0)
+    max_update_norm: float | None = Field(default=None, gt=0, le=1e12)
     """Updates with a larger L2 norm are rejected (None = no bound)."""
-    dp_clip: float | None = Field(default=None, gt=0)
+    dp_clip: float | None = Field(default=None, gt=0, le=1e6)
     """Central DP: clip each update to this L2 norm (None = no DP)."""
-    dp_noise_multiplier: float = Field(default=0.0, ge=0)
+    dp_noise_multiplier: float = Field(default=0.0, ge=0, le=1e4)
     """Central DP: Gaussian noise std as a multiple of dp_clip, on the sum of updates."""
     dp_delta: float = Field(default=1e-5, gt=0, lt=1)
     """δ at which ε is reported."""
@@ -228,13 +229,13 @@ class FederationConfig(_Section):
     """SecAgg+ shares per client secret."""
     secagg_threshold: int = Field(default=2, ge=1)
     """SecAgg+ shares needed to reconstruct (tolerates num_shares - threshold dropouts)."""
-    secagg_clipping_range: float = Field(default=8.0, gt=0)
+    secagg_clipping_range: float = Field(default=8.0, gt=0, le=1e6)
     """SecAgg+ clips scaled values to ±this before quantising."""
     secagg_quantization_range: int = Field(default=2**22, ge=2)
     """SecAgg+ quantisation levels (error ≈ 2·clip/levels per client)."""
     engine: Literal["inprocess", "simulation", "deployment"] = "inprocess"
     """Flower engine: in-process grid (no Ray), Simulation Engine (Ray), or Deployment Engine (SuperLink/SuperNodes)."""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     """Seed for client sampling, local shuffling and DP noise."""
 
     @model_validator(mode="after")
@@ -255,15 +256,15 @@ class FederationConfig(_Section):
 class SoftPromptConfig(_Section):
     enabled: bool = False
     """Also train the LLM soft prompt and the item-token projector (rerank.v2 prompts) on each client, in-process backend only."""
-    tokens: int = Field(default=20, ge=0)
+    tokens: int = Field(default=20, ge=0, le=1000)
     """Virtual tokens in the soft prompt."""
     lr: float = Field(default=1e-2, gt=0, le=10)
     """Client learning rate for the soft prompt and projector."""
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=8, ge=1, le=4096)
     """Prompts per soft-prompt training step."""
     users: int | None = Field(default=None, ge=1)
     """At most this many of a client's users train the soft prompt per round, drawn afresh each round (None = all)."""
-    personal_tokens: int = Field(default=0, ge=0)
+    personal_tokens: int = Field(default=0, ge=0, le=1000)
     """Personal virtual tokens per client, put before the soft prompt, trained locally and never sent (0 = none)."""
 
     @model_validator(mode="after")
@@ -276,17 +277,17 @@ class SoftPromptConfig(_Section):
 class EvalConfig(_Section):
     splits: list[Literal["valid", "test"]] = ["test"]
     """Splits to evaluate."""
-    ks: list[int] = [5, 10, 20]
+    ks: Annotated[list[Annotated[int, Field(ge=1, le=10_000)]], Field(min_length=1)] = [5, 10, 20]
     """Cut-offs for Recall/NDCG."""
     baselines: list[Literal["popularity", "random", "text"]] = ["popularity", "random", "text"]
     """Scorers to evaluate."""
-    sampled_negatives: int = Field(default=99, ge=1)
+    sampled_negatives: int = Field(default=99, ge=1, le=100_000)
     """Negatives per user for the sampled track (HR@10/NDCG@10)."""
     max_users: int | None = Field(default=None, ge=1)
     """Evaluate only the first N users (None = all)."""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     """Seed for the random baseline and negative sampling."""
-    batch_size: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=256, ge=1, le=65_536)
     """Users scored per batch."""
 
     @field_validator("ks")
@@ -343,8 +344,29 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc.problem})") from None
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--set {key}: value {raw[:80]!r} is not valid YAML ({reason})") from None
+    _check_size(value, f"--set {key}")
     return key.strip().split("."), value
+
+
+MAX_CONFIG_VALUES = 100_000
+"""Most values a config may expand to; YAML aliases can otherwise make a small file expand without bound."""
+
+
+def _check_size(tree: Any, source: str) -> None:
+    """Refuse a parsed config that expands (through aliases) to more than `MAX_CONFIG_VALUES` values."""
+    seen, stack = 0, [tree]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{source} expands to more than {MAX_CONFIG_VALUES:,} values (nested YAML aliases?); "
+                              "write the values out or remove the aliases")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _apply(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -378,7 +400,8 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
             continue
         message = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        text = "" if isinstance(got, dict) else reprlib.repr(got)
+        shown = f" (got {text})" if text else ""
         lines.append(f"  {key}: {message}{shown}")
     return "\n".join(lines)
 
@@ -394,12 +417,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         source = str(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; pass a YAML file such as configs/ml-100k.yaml")
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass one of configs/*.yaml")
+            raise ConfigError(f"config file {path} does not exist (or is not a regular file); pass one of configs/*.yaml")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); pass a YAML file") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        _check_size(loaded, f"config file {path}")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
         tree = loaded or {}

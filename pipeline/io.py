@@ -89,7 +89,7 @@ def prefix_digest(path: str | Path, size: int, algorithm: str = "sha256") -> Any
 def check_writable(path: str | Path, what: str, *, folder: bool = False) -> Path:
     """Make sure `path` (a file, or with `folder` a directory) can be written, before any long work starts.
 
-    Missing parent folders are created.
+    Missing parent folders are created; `path` itself is not.
 
     Raises:
         FedrecError: naming `what` (e.g. `--output`), the path and the fix.
@@ -97,18 +97,18 @@ def check_writable(path: str | Path, what: str, *, folder: bool = False) -> Path
     from pipeline.errors import FedrecError
 
     path = Path(path)
-    target = path if folder else path.parent
     if not folder and path.is_dir():
         raise FedrecError(f"{what} {path} is a folder; give a file path, e.g. {path / 'report.json'}")
     if folder and path.exists() and not path.is_dir():
         raise FedrecError(f"{what} {path} is a file, not a folder; give a folder path")
-    above = next((p for p in (target, *target.parents) if p.exists()), None)
+    above = next((p for p in path.parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise FedrecError(f"cannot create {what} {path}: {above} is a file, not a folder; choose another path")
     try:
-        target.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise FedrecError(f"cannot create the folder {target} for {what}: {exc.strerror}; choose a writable path") from None
-    if not os.access(target, os.W_OK | os.X_OK) or (path.exists() and not folder and not os.access(path, os.W_OK)):
+        raise FedrecError(f"cannot create the folder {path.parent} for {what}: {exc.strerror}; choose a writable path") from None
+    writable = os.access(path, os.W_OK | (os.X_OK if folder else 0)) if path.exists() else os.access(path.parent, os.W_OK | os.X_OK)
+    if not writable:
         raise FedrecError(f"{what} {path} is not writable; choose a writable path or fix its permissions")
     return path

@@ -34,7 +34,7 @@ MAX_HISTORY = 500
 """Longest ad-hoc history a request may send."""
 MAX_BODY_BYTES = 256 * 1024
 """Largest request body accepted (a full 500-item history is about 25 KB); larger bodies get 413."""
-ItemId = Annotated[StrictInt | Annotated[StrictStr, StringConstraints(min_length=1, max_length=256)], Field(union_mode="left_to_right")]
+ItemId = Annotated[StrictInt | Annotated[StrictStr, StringConstraints(min_length=1, max_length=100_000)], Field(union_mode="left_to_right")]
 """An item or user id as in the dataset: an integer or a non-empty string (never a bool or a float)."""
 _REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -127,6 +127,10 @@ class Demo:
     """
 
     def __init__(self, rec: Recommender, *, timeout_s: float = 120.0, max_queue: int = 32) -> None:
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise FedrecError(f"--timeout must be a finite number of seconds > 0, got {timeout_s}")
+        if max_queue < 1:
+            raise FedrecError(f"--max-queue must be >= 1, got {max_queue}")
         self.rec = rec
         self.timeout_s = timeout_s
         self.max_queue = max_queue

@@ -261,7 +261,8 @@ def load_trained(folder: str | Path, rec: Recommender) -> TrainedRun:
     folder = Path(folder)
     manifest_path = folder / RUN_FILE
     if not folder.is_dir():
-        raise RunError(f"run folder {folder} does not exist; pass a folder written by `fedrec train` (under output_dir)")
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise RunError(f"run folder {folder} {state}; pass a folder written by `fedrec train` (under output_dir)")
     if not manifest_path.is_file():
         raise RunError(f"{manifest_path} is missing: {folder} is not a finished `fedrec train` run (interrupted? rerun it with --resume)")
     try:
@@ -284,6 +285,10 @@ def load_trained(folder: str | Path, rec: Recommender) -> TrainedRun:
     embeddings = np.load(folder / "item_embeddings.npy")
     if embeddings.shape != (rec.dataset.n_items, rec.cfg.tower.dim):
         raise RunError(f"{folder / 'item_embeddings.npy'} has shape {embeddings.shape}, expected ({rec.dataset.n_items}, {rec.cfg.tower.dim})")
+    for name, arrays in (("best.npz", state), ("item_embeddings.npy", {"embeddings": embeddings})):
+        broken = [k for k, v in arrays.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+        if broken:
+            raise RunError(f"{folder / name} holds NaN or infinite values ({', '.join(broken[:3])}); retrain with `fedrec train`")
     return TrainedRun(folder, manifest, state, embeddings, rec.item_vectors, rec.cfg.index.factory)
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO, write
 
@@ -365,3 +367,118 @@ def test_output_paths_are_checked_before_work(tmp_path: Path) -> None:
     _refused(_cli("train", "-c", str(TINY), "--set", f"output_dir={blocker}"), f"output_dir {blocker} is a file, not a folder")
     _refused(_cli("data", "info", "-c", str(TINY), "--set", f"cache_dir={blocker / 'c'}"), "a-file is a file, not a folder")
     _refused(_cli("recommend", "-u", "1", "-c", str(TINY), "--set", f"cache_dir={blocker}"), f"cache_dir {blocker} is a file")
+
+
+# --- a second probe: new cases of the same classes --------------------------------------------------
+
+def test_hostile_config_files_and_values(tmp_path: Path) -> None:
+    bomb = ["anchors:", '  x0: &x0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    bomb += [f"  x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 9)}]" for i in range(1, 9)] + ["data: {name: *x8}"]
+    cases = {
+        write(tmp_path / "bomb.yaml", "\n".join(bomb) + "\n"): "expands to more than 100,000 values",
+        tmp_path: "is a folder; pass a YAML file",
+    }
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    cases[tmp_path / "binary.yaml"] = "is not UTF-8 text"
+    for path, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
+    for override, message in [("data.path=a\x01b", "is not valid YAML (unacceptable character"),
+                              ("rerank.fusion_grid=[2.0, -1]", "fusion_grid.0: Input should be less than or equal to 1"),
+                              ("rerank.fusion_grid=[]", "fusion_grid: List should have at least 1 item"),
+                              ("eval.seed=-1", "eval.seed: Input should be greater than or equal to 0"),
+                              ("tower.dim=100000000000", "tower.dim: Input should be less than or equal to 4096"),
+                              ("eval.ks=[1000000000000]", "eval.ks.0: Input should be less than or equal to 10000")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(TINY, [override])
+    _refused(_cli("config", "show", "-c", str(tmp_path / "bomb.yaml")), "expands to more than 100,000 values")
+
+
+def test_hostile_cli_numbers() -> None:
+    done = _cli("recommend", "-c", str(TINY), "-u", "1", "-k", "99999999999999999999")
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "-k" in done.stderr
+    _refused(_cli("serve", "-c", str(TINY), "--timeout", "nan"), "--timeout must be a finite number of seconds, got nan")
+
+
+def test_catalogue_years_and_nested_genres(tmp_path: Path) -> None:
+    from pipeline.data import load_dataset
+
+    items = "item_id,title,year\na,Alpha,99999999999999999999999\nb,Beta,²\nc,Gamma,1991\n"
+    data = _generic(tmp_path / "years", GOOD, items)
+    assert data.catalog.years == [None, None, 1991]  # unknown years are unknown, not a crash
+    folder = tmp_path / "genres"
+    write(folder / "inter.csv", GOOD)
+    write(folder / "items.jsonl", "".join(json.dumps({"item_id": i, "title": i.upper(), "genres": g}) + "\n"
+                                          for i, g in (("a", ["Drama"]), ("b", ["Drama", ["nested"]]), ("c", []))))
+    cfg = load_config(None, ["data.name=custom", "data.format=interactions", f"data.path={folder / 'inter.csv'}",
+                             f"data.items_path={folder / 'items.jsonl'}", "data.min_user_interactions=3", "data.min_item_interactions=1"])
+    with pytest.raises(DataError, match=r"items\.jsonl line 2: genres must be a list of names"):
+        load_dataset(cfg.data, folder / "cache")
+
+
+def test_ids_longer_than_any_limit_reach_the_server(string_ids: tuple[Path, list[str]]) -> None:
+    from fastapi.testclient import TestClient
+
+    from pipeline.serve import Demo, create_app
+
+    _, overrides = string_ids
+    client = TestClient(create_app(Demo(Recommender.from_config(load_config(TINY, overrides)))))
+    answer = client.post("/api/recommend", json={"history": [{"item_id": "x" * 300}], "k": 2, "explain": False})
+    assert answer.status_code == 200, answer.text
+    assert client.post("/api/recommend", json={"user_id": "１"}).status_code == 404  # a full-width digit is not user 1
+
+
+def _rewrite_checkpoint(path: Path, meta: dict | None = None, poison: bool = False) -> None:
+    with np.load(path) as payload:
+        arrays = {k: payload[k] for k in payload.files}
+    saved = json.loads(arrays["meta"].tobytes())
+    saved.update(meta or {})
+    arrays["meta"] = np.frombuffer(json.dumps(saved).encode(), dtype=np.uint8)
+    if poison:
+        arrays = {k: (np.full_like(v, np.nan) if k.startswith("state/") else v) for k, v in arrays.items()}
+    with path.open("wb") as handle:
+        np.savez(handle, **arrays)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"round": -5}, "round: Input should be greater than or equal to 0"),
+    ({"round": "3"}, "round: Input should be a valid integer"),
+    ({"round": 2.5}, "round: Input should be a valid integer"),
+    ({"history": "not a list"}, "history: Input should be a valid list"),
+    ({"history": [{"round": "x"}]}, "the history reports rounds ['x']"),
+    ({"round": 10**9}, "round is 1000000000 but the history reports rounds [1]"),
+    ({"poison": True}, "holds NaN or infinite values in"),
+])
+def test_edited_checkpoint_meta_and_weights_are_refused(checkpointed: Path, tmp_path: Path, edit: dict, message: str) -> None:
+    import shutil
+
+    from federation.runner import train
+    from pipeline.trained import run_dir
+
+    out = tmp_path / "runs"
+    shutil.copytree(checkpointed, out)
+    rec = Recommender.from_config(_trained_cfg(out, "federation.rounds=3"))
+    poison = edit.pop("poison", False)
+    _rewrite_checkpoint(run_dir(rec) / "checkpoint.npz", edit, poison=poison)
+    with pytest.raises(FedrecError, match=re.escape(message)):
+        train(rec, resume=True)
+
+
+def test_a_run_with_non_finite_weights_is_refused(checkpointed: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from pipeline.io import file_digest
+    from pipeline.trained import RunError, load_trained, run_dir
+
+    rec = Recommender.from_config(_trained_cfg(checkpointed, "federation.rounds=1"), run=None)
+    folder = tmp_path / "run"
+    shutil.copytree(run_dir(rec), folder)
+    with np.load(folder / "best.npz") as saved:
+        arrays = {k: np.full_like(v, np.nan) if np.issubdtype(v.dtype, np.floating) else v for k, v in saved.items()}
+    with (folder / "best.npz").open("wb") as handle:
+        np.savez(handle, **arrays)
+    manifest = json.loads((folder / "run.json").read_text())
+    manifest["files"]["best.npz"] = file_digest(folder / "best.npz")
+    (folder / "run.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunError, match=r"best\.npz holds NaN or infinite values"):
+        load_trained(folder, rec)

@@ -41,7 +41,7 @@ def _find(lookup: dict, raw_id: object) -> int | None:
     if raw_id in lookup:
         return lookup[raw_id]
     text = str(raw_id).strip()
-    if len(text) <= 20 and text.lstrip("-").isdigit() and int(text) in lookup:
+    if len(text) <= 20 and text.isascii() and text.lstrip("-").isdigit() and int(text) in lookup:
         return lookup[int(text)]
     return lookup.get(text)
 

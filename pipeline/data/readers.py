@@ -187,6 +187,26 @@ def _items(ids: pd.Series, raw_titles: list[str], genres: list[tuple[str, ...]],
     })
 
 
+def _years(values: pd.Series) -> list[int | None]:
+    """A catalogue's year column: a year 1..9999 in ASCII digits, else unknown (None): catalogues write `unknown`, `²`
+    or 20-digit noise there, and the year is only display text."""
+    return [int(t) if re.fullmatch(r"[0-9]{1,4}", t := str(v).strip()) and int(t) > 0 else None for v in values]
+
+
+def _names(values: pd.Series, column: str, sep: str, path: Path, header_lines: int) -> list[tuple[str, ...]]:
+    """Genres or tags: a `sep`-separated string, or (JSON) a list of strings or numbers."""
+    out = []
+    for row, value in enumerate(values):
+        if isinstance(value, list):
+            if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+                raise DataError(f"{path} line {row + 1 + header_lines}: {column} must be a list of names (strings), "
+                                f"got {str(value)[:60]}; flatten it")
+            out.append(tuple(n for n in (str(v).strip() for v in value) if n))
+        else:
+            out.append(_split_genres(str(value), sep))
+    return out
+
+
 def _split_genres(text: str, sep: str) -> tuple[str, ...]:
     return tuple(g for g in (part.strip() for part in text.split(sep)) if g and g != "(no genres listed)")
 
@@ -284,7 +304,7 @@ def read_recbole(root: Path) -> RawData:
         if required not in names:
             raise DataError(f"{inter_path} line 1: no {required} field; RecBole .inter files need user_id and item_id")
     frame = read_table(inter_path, "\t", names, header=True)
-    numeric = all(frame[c].str.fullmatch(r"\d+").all() for c in ("user_id", "item_id"))
+    numeric = all(frame[c].str.fullmatch(r"[0-9]+").all() for c in ("user_id", "item_id"))
     inter = _interactions(frame[[c for c in names if c in ("user_id", "item_id", "rating", "timestamp")]], inter_path, 1, numeric_ids=numeric)
     item_header = _atomic_header(item_path)
     item_names = [n for n, _ in item_header]
@@ -298,7 +318,7 @@ def read_recbole(root: Path) -> RawData:
     genres = [_split_genres(g, " ") for g in items[genre_col]] if genre_col else [()] * len(items)
     years = None
     if year_col:
-        years = [int(y) if y.strip().isdigit() else None for y in items[year_col]]
+        years = _years(items[year_col])
     catalogue = _items(ids, items[title_col].tolist(), genres, years)
     return RawData(inter, _check_catalogue(catalogue, item_path), {"interactions": str(inter_path), "items": str(item_path)})
 
@@ -346,11 +366,10 @@ def read_interactions(path: Path, items_path: Path) -> RawData:
     for required in ("item_id", "title"):
         if required not in items:
             raise DataError(f"{items_path}: no {required} column; columns found: {', '.join(items.columns)}")
-    genres = [tuple(g) if isinstance(g, list) else _split_genres(g, "|") for g in items.get("genres", pd.Series([""] * len(items)))]
-    years = None
-    if "year" in items:
-        years = [int(y) if str(y).strip().isdigit() else None for y in items["year"]]
+    header_lines = 0 if items_path.suffix in (".jsonl", ".ndjson", ".json") else 1
+    genres = _names(items.get("genres", pd.Series([""] * len(items))), "genres", "|", items_path, header_lines)
+    years = _years(items["year"]) if "year" in items else None
     catalogue = _items(items["item_id"].astype(str).str.strip(), items["title"].astype(str).tolist(), genres, years)
     if "tags" in items:
-        catalogue["tags"] = [tuple(t) if isinstance(t, list) else _split_genres(t, "|") for t in items["tags"]]
+        catalogue["tags"] = _names(items["tags"], "tags", "|", items_path, header_lines)
     return RawData(inter, _check_catalogue(catalogue, items_path), {"interactions": str(path), "items": str(items_path)})
