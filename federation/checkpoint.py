@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-from federation.core import FedAdam, RDPAccountant, State
+from federation.core import FedAdam, PrivacyAccountant, State
 from federation.task import ServerState
 from pipeline.errors import FedrecError
 from pipeline.io import atomic_path
@@ -104,5 +104,5 @@ def load(path: Path, expected: State | None = None) -> ServerState:
         optimizer.load_state(opt_arrays)
     accountant = None
     if meta.accountant is not None:
-        accountant = RDPAccountant(meta.accountant.noise_multiplier, meta.accountant.sample_rate, meta.accountant.rounds)
+        accountant = PrivacyAccountant(meta.accountant.noise_multiplier, meta.accountant.sample_rate, meta.accountant.rounds)
     return ServerState(meta.round, state, optimizer, accountant, meta.history)

@@ -91,6 +91,10 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
     fresh = new_server(rec.item_vectors, recipe, len(clients), llm_hidden=_llm(rec).hidden_size if rec.cfg.soft_prompt.enabled else None)
     if resume and ckpt.is_file():
         server = checkpoint.load(ckpt, expected=fresh.state)
+        wanted, found = fresh.accountant, server.accountant
+        if (wanted is None) != (found is None) or (wanted and (wanted.noise_multiplier, wanted.sample_rate) != (found.noise_multiplier, found.sample_rate)):
+            raise FedrecError(f"checkpoint {ckpt} holds privacy accounting {found} but this config needs {wanted}: "
+                              "ε could not be reported truthfully; run with --restart to start over")
         log.warning("resuming %s from round %d", folder, server.round)
     elif resume:
         raise FedrecError(f"--resume: no checkpoint at {ckpt}; run without --resume to start")
@@ -166,7 +170,8 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
     if rec.cfg.soft_prompt.enabled:
         results["test_rerank"] = evaluate_rerank_served(served, "test", eval_users, clients, personal=_personal_tokens(rec))
     if server.accountant is not None:
-        results["epsilon"] = server.accountant.epsilon(cfg.dp_delta)
+        results.update({"epsilon_rdp": server.accountant.epsilon_rdp(cfg.dp_delta), "epsilon_pld": server.accountant.epsilon_pld(cfg.dp_delta)})
+        results["epsilon"] = min(results["epsilon_rdp"], results["epsilon_pld"])
     finish_run(rec, run, results)
     return results
 

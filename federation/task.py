@@ -20,7 +20,7 @@ from federation.core import (
     FedAdam,
     FedAvg,
     Median,
-    RDPAccountant,
+    PrivacyAccountant,
     State,
     TrimmedMean,
     add,
@@ -202,7 +202,7 @@ class ServerState:
     round: int
     state: State
     optimizer: FedAdam | None = None
-    accountant: RDPAccountant | None = None
+    accountant: PrivacyAccountant | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -251,7 +251,9 @@ def server_round(server: ServerState, results: list[ClientResult], cfg: Federati
         update = {k: (v / max(expected, 1)).astype(server.state[k].dtype) for k, v in total.items()}
         if server.accountant is not None:
             server.accountant.step()
-            report["epsilon"] = server.accountant.epsilon(cfg.dp_delta)
+            report["epsilon_rdp"] = server.accountant.epsilon_rdp(cfg.dp_delta)
+            report["epsilon_pld"] = server.accountant.epsilon_pld(cfg.dp_delta)
+            report["epsilon"] = min(report["epsilon_rdp"], report["epsilon_pld"])
     else:
         update = make_aggregator(cfg).aggregate([r.delta for r in accepted], [r.examples for r in accepted])
     server.state = server.optimizer.step(server.state, update) if server.optimizer else add(server.state, update)
@@ -287,5 +289,5 @@ def new_server(text_vectors: np.ndarray, recipe: Recipe, n_clients: int, *, llm_
     accountant = None
     if cfg.dp_clip is not None:
         sample_rate = min(1.0, (cfg.clients_per_round or n_clients) / n_clients)
-        accountant = RDPAccountant(cfg.dp_noise_multiplier, sample_rate)
+        accountant = PrivacyAccountant(cfg.dp_noise_multiplier, sample_rate)
     return ServerState(0, initial_state(text_vectors, recipe, llm_hidden=llm_hidden), optimizer, accountant)

@@ -12,13 +12,12 @@ from federation.core import (
     FedAvg,
     Median,
     Payload,
-    RDPAccountant,
+    PrivacyAccountant,
     TrimmedMean,
     add,
     clip,
     gaussian_noise,
     l2_norm,
-    rdp_subsampled_gaussian,
     subtract,
     validate_update,
 )
@@ -86,19 +85,50 @@ def test_fedadam_moves_along_the_update_and_checkpoints() -> None:
     np.testing.assert_array_equal(opt.step(new, u)["w"], copy.step(new, u)["w"])
 
 
-def test_rdp_matches_closed_forms() -> None:
-    assert rdp_subsampled_gaussian(1.0, 2.0, 8) == pytest.approx(8 / 8)
-    # Tiny sampling rates give tiny RDP; the bound grows with q.
-    assert rdp_subsampled_gaussian(0.01, 1.0, 8) < rdp_subsampled_gaussian(0.1, 1.0, 8) < rdp_subsampled_gaussian(1.0, 1.0, 8)
-    acct = RDPAccountant(noise_multiplier=1.0, sample_rate=1.0)
-    acct.step(10)
-    # Gaussian mechanism composed 10 times: eps = min_a 10 a / 2 + log(1/delta)/(a-1).
-    expected = min(10 * a / 2 + math.log(1e5) / (a - 1) for a in range(2, 257))
-    assert acct.epsilon(1e-5) == pytest.approx(expected)
-    assert RDPAccountant(0.0).epsilon(1e-5) == math.inf
-    more_noise = RDPAccountant(4.0, 1.0)
-    more_noise.step(10)
-    assert more_noise.epsilon(1e-5) < acct.epsilon(1e-5)
+def _exact_gaussian_epsilon(mu: float, delta: float) -> float:
+    """ε of a Gaussian mechanism with privacy parameter `mu` (sensitivity / σ), exact (Balle & Wang 2018), by bisection."""
+    from scipy.stats import norm
+
+    def delta_at(eps: float) -> float:
+        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2)
+
+    low, high = 0.0, 500.0
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if delta_at(mid) > delta else (low, mid)
+    return high
+
+
+@pytest.mark.parametrize(("z", "q", "rounds"), [(0.3, 1.0, 10), (1.0, 50 / 610, 100), (2.0, 0.01, 500), (4.0, 61 / 610, 150)])
+def test_epsilon_is_dp_accountings(z: float, q: float, rounds: int) -> None:
+    from dp_accounting import dp_event
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
+    acct = PrivacyAccountant(z, q)
+    for _ in range(rounds):
+        acct.step()
+    event = dp_event.GaussianDpEvent(z) if q >= 1 else dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z))
+    rdp, pld = RdpAccountant(), PLDAccountant(value_discretization_interval=1e-3)
+    rdp.compose(event, rounds)
+    pld.compose(event, rounds)
+    assert acct.epsilon_rdp(1e-5) == pytest.approx(rdp.get_epsilon(1e-5), rel=1e-9)
+    assert acct.epsilon_pld(1e-5) == pytest.approx(pld.get_epsilon(1e-5), rel=1e-9)
+    assert acct.epsilon(1e-5) == min(acct.epsilon_rdp(1e-5), acct.epsilon_pld(1e-5))
+
+
+def test_epsilon_against_the_exact_gaussian_mechanism() -> None:
+    """Without subsampling, T rounds of noise z compose to one Gaussian with mu = sqrt(T) / z, whose ε is known exactly:
+    PLD lands just above it, RDP further above (both are upper bounds)."""
+    for z, rounds in ((1.0, 10), (2.0, 100), (5.0, 4)):
+        acct = PrivacyAccountant(z, 1.0, rounds)
+        exact = _exact_gaussian_epsilon(math.sqrt(rounds) / z, 1e-5)
+        assert exact <= acct.epsilon_pld(1e-5) <= exact * 1.01 + 1e-3
+        assert acct.epsilon_pld(1e-5) <= acct.epsilon_rdp(1e-5) <= exact * 1.5
+    assert PrivacyAccountant(0.0, 1.0, 5).epsilon(1e-5) == math.inf
+    assert PrivacyAccountant(1.0, 1.0, 0).epsilon(1e-5) == 0.0
+    assert PrivacyAccountant(4.0, 1.0, 10).epsilon(1e-5) < PrivacyAccountant(1.0, 1.0, 10).epsilon(1e-5)
+    assert PrivacyAccountant(1.0, 0.01, 10).epsilon(1e-5) < PrivacyAccountant(1.0, 0.1, 10).epsilon(1e-5)
 
 
 def test_noise_has_the_requested_scale() -> None:

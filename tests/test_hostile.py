@@ -482,3 +482,16 @@ def test_a_run_with_non_finite_weights_is_refused(checkpointed: Path, tmp_path: 
     (folder / "run.json").write_text(json.dumps(manifest))
     with pytest.raises(RunError, match=r"best\.npz holds NaN or infinite values"):
         load_trained(folder, rec)
+
+
+def test_a_dp_run_resumed_without_its_accountant_is_refused(tmp_path: Path) -> None:
+    from federation.runner import train
+    from pipeline.trained import run_dir
+
+    dp = ["federation.dp_clip=1.0", "federation.dp_noise_multiplier=1.0"]
+    rec = Recommender.from_config(_trained_cfg(tmp_path, "federation.rounds=1", *dp))
+    first = train(rec)
+    assert first["epsilon"] == min(first["epsilon_rdp"], first["epsilon_pld"]) > 0
+    _rewrite_checkpoint(run_dir(rec) / "checkpoint.npz", {"accountant": None})
+    with pytest.raises(FedrecError, match=r"privacy accounting None but this config needs PrivacyAccountant"):
+        train(Recommender.from_config(_trained_cfg(tmp_path, "federation.rounds=2", *dp)), resume=True)
