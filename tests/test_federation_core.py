@@ -157,3 +157,38 @@ def test_tower_candidates_are_deterministic_and_exclude_the_history() -> None:
     _, second = tower.top_candidates(histories, 5)
     assert first == second and tower.training
     assert all(not {c.item for c in found} & set(h.tolist()) for found, h in zip(first, histories, strict=True))
+
+
+def test_flowers_strategies_give_the_hand_written_global_state() -> None:
+    """Seeded check before the hand-written aggregators go: Flower's FedAvg, FedMedian and FedTrimmedAvg produce the same
+    global state from the same client updates; Flower's FedAdam is ours with Adam's bias correction folded into the rate."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import strategy as fl
+
+    from federation.core import FedAdam, FedAvg, Median, TrimmedMean, add
+    from federation.inprocess import InProcessGrid
+
+    grid = InProcessGrid(ClientApp(), 5)
+    rng = np.random.default_rng(0)
+    start = {"items": rng.normal(size=(7, 3)).astype(np.float32), "bias": rng.normal(size=5).astype(np.float32)}
+    deltas = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in start.items()} for _ in range(5)]
+    weights = [3, 10, 1, 7, 2]
+
+    def record(arrays: dict) -> ArrayRecord:
+        return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+    def replies() -> list[Message]:
+        return [Message(RecordDict({"arrays": record(add(start, d)), "metrics": MetricRecord({"num-examples": w})}),
+                        dst_node_id=1000 + n, message_type="train") for n, (d, w) in enumerate(zip(deltas, weights, strict=True))]
+
+    def close(flower: ArrayRecord, ours: dict) -> None:
+        for key in start:
+            np.testing.assert_allclose(flower[key].numpy(), ours[key], rtol=0, atol=1e-6)
+
+    for strategy, ours in ((fl.FedAvg(), FedAvg()), (fl.FedMedian(), Median()), (fl.FedTrimmedAvg(beta=0.2), TrimmedMean(0.2))):
+        close(strategy.aggregate_train(1, replies())[0], add(start, ours.aggregate(deltas, weights)))
+    adam = fl.FedAdam(eta=0.01, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    adam.configure_train(1, record(start), ConfigRecord({}), grid)
+    corrected = 0.01 * math.sqrt(1 - 0.99**2) / (1 - 0.9**2)  # Flower's bias correction at round 1
+    close(adam.aggregate_train(1, replies())[0], FedAdam(lr=corrected).step(start, FedAvg().aggregate(deltas, weights)))
