@@ -10,17 +10,16 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-from federation.core import FedAdam, PrivacyAccountant, State
+from federation.core import PrivacyAccountant, State
 from federation.task import ServerState
 from pipeline.errors import FedrecError
 from pipeline.io import atomic_path
 
 
 def save(server: ServerState, path: Path) -> Path:
-    """Write the global state, optimizer moments, accountant and history to one `.npz`, atomically."""
+    """Write the global state, the strategy's state, the accountant and the history to one `.npz`, atomically."""
     arrays = {f"state/{k}": v for k, v in server.state.items()}
-    if server.optimizer is not None:
-        arrays.update({f"opt/{k}": v for k, v in server.optimizer.to_state().items()})
+    arrays.update({f"strategy/{k}": v for k, v in server.strategy_state.items()})
     meta = {
         "round": server.round,
         "history": server.history,
@@ -28,18 +27,12 @@ def save(server: ServerState, path: Path) -> Path:
             "noise_multiplier": server.accountant.noise_multiplier, "sample_rate": server.accountant.sample_rate,
             "rounds": server.accountant.rounds,
         },
-        "optimizer": None if server.optimizer is None else {"lr": server.optimizer.lr},
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     with atomic_path(path) as tmp:
         with tmp.open("wb") as handle:
             np.savez(handle, **arrays)
     return path
-
-
-class _Optimizer(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    lr: float = Field(gt=0)
 
 
 class _Accountant(BaseModel):
@@ -55,7 +48,6 @@ class _Meta(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     round: StrictInt = Field(ge=0)
     history: list[dict[str, Any]]
-    optimizer: _Optimizer | None
     accountant: _Accountant | None
 
     @model_validator(mode="after")
@@ -78,7 +70,7 @@ def load(path: Path, expected: State | None = None) -> ServerState:
         with np.load(path) as payload:
             raw = json.loads(payload["meta"].tobytes())
             state = {k.removeprefix("state/"): payload[k] for k in payload.files if k.startswith("state/")}
-            opt_arrays = {k.removeprefix("opt/"): payload[k] for k in payload.files if k.startswith("opt/")}
+            strategy = {k.removeprefix("strategy/"): payload[k] for k in payload.files if k.startswith("strategy/")}
         meta = _Meta.model_validate(raw)
     except ValidationError as exc:
         problem = exc.errors()[0]
@@ -95,14 +87,10 @@ def load(path: Path, expected: State | None = None) -> ServerState:
         cast = [k for k in expected if state[k].dtype != expected[k].dtype]
         if cast:
             raise FedrecError(f"checkpoint {path} holds {cast[0]} as {state[cast[0]].dtype}, expected {expected[cast[0]].dtype}; {fix}")
-    broken = [k for k, v in {**state, **opt_arrays}.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+    broken = [k for k, v in {**state, **strategy}.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
     if broken:
         raise FedrecError(f"checkpoint {path} holds NaN or infinite values in {', '.join(broken[:3])}; {fix}")
-    optimizer = None
-    if meta.optimizer is not None:
-        optimizer = FedAdam(lr=meta.optimizer.lr)
-        optimizer.load_state(opt_arrays)
     accountant = None
     if meta.accountant is not None:
         accountant = PrivacyAccountant(meta.accountant.noise_multiplier, meta.accountant.sample_rate, meta.accountant.rounds)
-    return ServerState(meta.round, state, optimizer, accountant, meta.history)
+    return ServerState(meta.round, state, strategy, accountant, meta.history)

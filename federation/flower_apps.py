@@ -1,14 +1,17 @@
 """Flower adapters (flwr 1.42 Message API): they only translate Messages to and from `federation.task`.
 
 The ClientApp unpacks the global arrays, calls `local_train` on its own partition and replies
-with the delta and its example count. The ServerApp loops over rounds, sends the global state,
-collects replies (failed or missing clients are logged and skipped) and calls `server_round`.
+with its new arrays and its example count. The ServerApp loops over rounds: it samples clients
+(seeded), lets the configured Flower strategy build the messages, collects replies (failed,
+missing or malformed clients are logged and skipped), validates each client's delta
+(`review_round`), and hands the valid replies to the strategy's `aggregate_train`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,8 +21,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from federation.core import Payload, State
-from federation.task import ClientData, ClientResult, Recipe, ServerState, keep_going, local_train, server_round
+from federation.core import Payload, State, add, delta_of
+from federation.strategies import EXAMPLES_KEY, UNIT_KEY, SampledGrid, load_strategy_state, make_strategy, strategy_state
+from federation.task import ClientData, ClientResult, Recipe, ServerState, account_round, keep_going, local_train, review_round
 
 log = logging.getLogger(__name__)
 ClientLoader = Callable[[int], ClientData]
@@ -48,10 +52,11 @@ def make_client_app(load: ClientLoader) -> ClientApp:
         partition = int(context.node_config["partition-id"])
         recipe = Recipe.from_json(str(msg.content["config"]["recipe"]))
         round_ = int(msg.content["config"]["round"])
-        delta, examples, metrics = local_train(from_record(msg.content["arrays"]), load(partition), recipe, seed=round_ * 100_003 + partition, round_=round_)
+        start = from_record(msg.content["arrays"])
+        delta, examples, metrics = local_train(start, load(partition), recipe, seed=round_ * 100_003 + partition, round_=round_)
         reply = RecordDict({
-            "arrays": to_record(delta),
-            "metrics": MetricRecord({"num-examples": int(examples), "loss": float(metrics["loss"]), "partition-id": partition}),
+            "arrays": to_record(add(start, delta)),  # Flower's strategies take the clients' full arrays
+            "metrics": MetricRecord({EXAMPLES_KEY: int(examples), UNIT_KEY: 1, "loss": float(metrics["loss"]), "partition-id": partition}),
         })
         return Message(reply, reply_to=msg)
 
@@ -73,35 +78,44 @@ def make_server_app(
     payload: Payload | None = None, reply_timeout: float = 3600.0,
 ) -> ServerApp:
     """A ServerApp that runs rounds from `server.round + 1` while `keep_going` (rounds left, validation still improving),
-    calling `on_round` after each."""
+    aggregating with the configured Flower strategy and calling `on_round` after each."""
     app = ServerApp()
     cfg = recipe.federation
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower logs every sampling and aggregation at INFO
         nodes = wait_for_nodes(grid, n_clients)
+        sampled = min(cfg.clients_per_round or len(nodes), len(nodes))
+        strategy = make_strategy(cfg, sampled)
+        load_strategy_state(strategy, server.strategy_state)
         while keep_going(server, cfg):
             server.round += 1
             rng = np.random.default_rng([cfg.seed, server.round])
             # Sample positions, not ids: node ids are unsigned 64-bit and numpy would turn them into floats.
-            picked = rng.choice(len(nodes), size=min(cfg.clients_per_round or len(nodes), len(nodes)), replace=False)
+            picked = rng.choice(len(nodes), size=sampled, replace=False)
             chosen = sorted(nodes[int(i)] for i in picked)
+            random.seed(cfg.seed * 1_000_003 + server.round)  # the order Flower's sampler visits the chosen nodes
             config = ConfigRecord({"round": server.round, "recipe": recipe.to_json()})
-            messages = [
-                Message(RecordDict({"arrays": to_record(server.state), "config": config}), dst_node_id=node,
-                        message_type="train", group_id=str(server.round))
-                for node in chosen
-            ]
+            messages = list(strategy.configure_train(server.round, to_record(server.state), config, SampledGrid(grid, chosen)))
+            for message in messages:
+                message.metadata.group_id = str(server.round)
             replies = list(grid.send_and_receive(messages, timeout=reply_timeout))
-            results, failures = [], []
+            results, failures, valid = [], [], {}
             for reply in replies:
                 if reply.has_error():
                     failures.append({"node": reply.metadata.src_node_id, "reason": reply.error.reason})
                     continue
-                metrics = reply.content["metrics"]
-                client = int(metrics["partition-id"])
-                delta = from_record(reply.content["arrays"])
-                results.append(ClientResult(client, delta, int(metrics["num-examples"]), {"loss": float(metrics["loss"])}))
+                try:
+                    metrics = reply.content["metrics"]
+                    client = int(metrics["partition-id"])
+                    delta = delta_of(from_record(reply.content["arrays"]), server.state)
+                    result = ClientResult(client, delta, int(metrics[EXAMPLES_KEY]), {"loss": float(metrics["loss"])})
+                except (KeyError, TypeError, ValueError) as exc:  # a malformed reply is a failed client, never a crash
+                    failures.append({"node": reply.metadata.src_node_id, "reason": f"malformed reply: {exc}"})
+                    continue
+                results.append(result)
+                valid[client] = reply
                 if payload is not None:
                     payload.record(server.round, client, "down", server.state)
                     payload.record(server.round, client, "up", delta)
@@ -109,7 +123,16 @@ def make_server_app(
             missing = len(chosen) - len(replies)
             for failure in failures:
                 log.warning("round %d: client node %s failed: %s", server.round, failure["node"], failure["reason"])
-            report = server_round(server, results, cfg, expected=len(chosen))
+            report, accepted = review_round(server, results, cfg, expected=len(chosen))
+            if accepted:
+                np.random.seed(cfg.seed * 1_000_003 + server.round)  # Flower's DP noise draws from numpy's global generator
+                aggregated, _ = strategy.aggregate_train(server.round, [valid[r.client] for r in accepted])
+                if aggregated is None:
+                    report.update({"applied": False, "reason": "the strategy aggregated nothing"})
+                else:
+                    server.state = {k: from_record(aggregated)[k].astype(v.dtype) for k, v in server.state.items()}
+                    server.strategy_state = strategy_state(strategy)
+                    account_round(server, cfg, report)
             report.update({"failed": failures, "missing": missing})
             on_round(server, json.loads(json.dumps(report, default=str)))
 

@@ -1,7 +1,7 @@
 """The federated task as plain functions (no Flower): local training and one server round.
 
 `local_train` runs on a client over its own histories and returns only the delta of the shared
-arrays. `server_round` validates, optionally clips and noises, aggregates and applies them.
+arrays. `review_round` validates a round's updates before the Flower strategy aggregates them.
 """
 
 from __future__ import annotations
@@ -16,16 +16,8 @@ from typing import Any
 import numpy as np
 
 from federation.core import (
-    Aggregator,
-    FedAdam,
-    FedAvg,
-    Median,
     PrivacyAccountant,
     State,
-    TrimmedMean,
-    add,
-    clip,
-    gaussian_noise,
     l2_norm,
     subtract,
     validate_update,
@@ -187,21 +179,14 @@ def _train_soft_prompt(global_state: State, tower: RetrievalTower, data: ClientD
     return module.state_arrays()
 
 
-def make_aggregator(cfg: FederationConfig) -> Aggregator:
-    if cfg.aggregator == "trimmed_mean":
-        return TrimmedMean(cfg.trim_fraction)
-    if cfg.aggregator == "median":
-        return Median()
-    return FedAvg()
-
-
 @dataclass
 class ServerState:
     """Everything the server carries between rounds (checkpointed after each)."""
 
     round: int
     state: State
-    optimizer: FedAdam | None = None
+    strategy_state: State = field(default_factory=dict)
+    """What the Flower strategy carries between rounds (FedOpt moments, FedAvgM momentum), as named arrays."""
     accountant: PrivacyAccountant | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -216,14 +201,15 @@ class ClientResult:
     metrics: dict[str, float]
 
 
-def server_round(server: ServerState, results: list[ClientResult], cfg: FederationConfig, *, expected: int) -> dict[str, Any]:
-    """Validate, (clip + noise), aggregate and apply the updates of one round, in place.
+def review_round(server: ServerState, results: list[ClientResult], cfg: FederationConfig, *, expected: int) -> tuple[dict[str, Any], list[ClientResult]]:
+    """Validate one round's updates: names, shapes, finite values, the norm bound and a positive example count.
 
     Args:
-        expected: clients asked this round (the DP average divides by it, so dropouts do not raise the noise's weight).
+        expected: clients asked this round.
 
     Returns:
-        The round's report: accepted / rejected clients with reasons, mean loss, ε when DP is on.
+        The round's report (accepted / rejected clients with reasons, mean loss; `applied` False when fewer than
+        `min_clients` are valid) and the accepted results, which the strategy then aggregates.
     """
     accepted, rejected = [], []
     for result in results:
@@ -238,29 +224,24 @@ def server_round(server: ServerState, results: list[ClientResult], cfg: Federati
     report: dict[str, Any] = {"round": server.round, "asked": expected, "received": len(results), "accepted": len(accepted), "rejected": rejected}
     if accepted:
         report["update_norm_median"] = float(np.median([l2_norm(r.delta) for r in accepted]))
+    losses = [r.metrics.get("loss", float("nan")) for r in accepted]
+    report["train_loss"] = float(np.nanmean(losses)) if losses else float("nan")
     if len(accepted) < cfg.min_clients:
         log.warning("round %d: %d valid updates, fewer than federation.min_clients=%d; global state kept", server.round, len(accepted), cfg.min_clients)
         report["applied"] = False
-        return report
-    if cfg.dp_clip is not None:
-        rng = np.random.default_rng([cfg.seed, server.round, 7])
-        clipped = [clip(r.delta, cfg.dp_clip)[0] for r in accepted]
-        total = {k: sum(c[k].astype(np.float64) for c in clipped) for k in clipped[0]}
-        if cfg.dp_noise_multiplier > 0:
-            total = gaussian_noise(total, cfg.dp_noise_multiplier * cfg.dp_clip, rng)
-        update = {k: (v / max(expected, 1)).astype(server.state[k].dtype) for k, v in total.items()}
-        if server.accountant is not None:
-            server.accountant.step()
-            report["epsilon_rdp"] = server.accountant.epsilon_rdp(cfg.dp_delta)
-            report["epsilon_pld"] = server.accountant.epsilon_pld(cfg.dp_delta)
-            report["epsilon"] = min(report["epsilon_rdp"], report["epsilon_pld"])
-    else:
-        update = make_aggregator(cfg).aggregate([r.delta for r in accepted], [r.examples for r in accepted])
-    server.state = server.optimizer.step(server.state, update) if server.optimizer else add(server.state, update)
+        return report, []
     report["applied"] = True
-    losses = [r.metrics.get("loss", float("nan")) for r in accepted]
-    report["train_loss"] = float(np.nanmean(losses)) if losses else float("nan")
-    return report
+    return report, accepted
+
+
+def account_round(server: ServerState, cfg: FederationConfig, report: dict[str, Any]) -> None:
+    """After a round was released under central DP: step the accountant and report ε (RDP, PLD, the tighter)."""
+    if server.accountant is None:
+        return
+    server.accountant.step()
+    report["epsilon_rdp"] = server.accountant.epsilon_rdp(cfg.dp_delta)
+    report["epsilon_pld"] = server.accountant.epsilon_pld(cfg.dp_delta)
+    report["epsilon"] = min(report["epsilon_rdp"], report["epsilon_pld"])
 
 
 def best_round(history: list[dict[str, Any]], metric: str = "R@10") -> tuple[int, float]:
@@ -285,9 +266,8 @@ def keep_going(server: ServerState, cfg: FederationConfig) -> bool:
 def new_server(text_vectors: np.ndarray, recipe: Recipe, n_clients: int, *, llm_hidden: int | None = None) -> ServerState:
     """Round-0 server state for `recipe`."""
     cfg = recipe.federation
-    optimizer = FedAdam(lr=cfg.server_lr) if cfg.server_optimizer == "fedadam" else None
     accountant = None
     if cfg.dp_clip is not None:
         sample_rate = min(1.0, (cfg.clients_per_round or n_clients) / n_clients)
         accountant = PrivacyAccountant(cfg.dp_noise_multiplier, sample_rate)
-    return ServerState(0, initial_state(text_vectors, recipe, llm_hidden=llm_hidden), optimizer, accountant)
+    return ServerState(0, initial_state(text_vectors, recipe, llm_hidden=llm_hidden), accountant=accountant)

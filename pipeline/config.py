@@ -26,6 +26,7 @@ from pipeline.errors import ConfigError
 from retrieval.config import TowerConfig
 
 DatasetName = Literal["ml-100k", "ml-latest-small", "ml-1m", "ml-10m", "ml-25m", "ml-32m", "custom"]
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedtrimmedavg", "fedmedian", "krum", "bulyan"]
 DataFormat = Literal["auto", "ml-100k", "movielens-csv", "movielens-dat", "recbole", "interactions"]
 
 
@@ -205,16 +206,18 @@ class FederationConfig(_Section):
     """Optimiser steps per client per round, whatever its data size (None = local_epochs passes)."""
     patience: int | None = Field(default=10, ge=1)
     """Stop after this many rounds without a better validation R@10; the best round is what the run keeps (None = run every round)."""
-    aggregator: Literal["fedavg", "trimmed_mean", "median"] = "fedavg"
-    """How valid updates are combined."""
+    strategy: StrategyName = "fedavg"
+    """Flower strategy (`flwr.serverapp.strategy`) that aggregates the valid updates: fedavg, fedprox, fedadam, fedyogi, fedavgm, fedtrimmedavg, fedmedian, krum or bulyan."""
     trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)
-    """Fraction trimmed at each end for `trimmed_mean`."""
+    """Fraction trimmed at each end for `fedtrimmedavg` (its beta)."""
     prox_mu: float = Field(default=0.0, ge=0, le=1e4)
     """FedProx proximal weight (0 = FedAvg local objective)."""
-    server_optimizer: Literal["none", "fedadam"] = "none"
-    """Apply the aggregate directly, or through server-side Adam (FedOpt)."""
     server_lr: float = Field(default=0.01, gt=0, le=10)
-    """Server learning rate for `fedadam`."""
+    """Server learning rate: eta of `fedadam` / `fedyogi`, server_learning_rate of `fedavgm`."""
+    server_momentum: float = Field(default=0.9, ge=0, lt=1)
+    """Server momentum of `fedavgm`."""
+    num_malicious: int = Field(default=0, ge=0, le=1000)
+    """Clients `krum` / `bulyan` tolerate (bulyan needs 4·f + 3 replies per round)."""
     max_update_norm: float | None = Field(default=None, gt=0, le=1e12)
     """Updates with a larger L2 norm are rejected (None = no bound)."""
     dp_clip: float | None = Field(default=None, gt=0, le=1e6)
@@ -242,12 +245,15 @@ class FederationConfig(_Section):
     def _consistent(self) -> FederationConfig:
         if self.dp_noise_multiplier > 0 and self.dp_clip is None:
             raise ValueError("federation.dp_noise_multiplier > 0 needs federation.dp_clip (the per-client L2 bound)")
-        if self.secagg and (self.dp_clip is not None or self.aggregator != "fedavg" or self.max_update_norm is not None
-                            or self.server_optimizer != "none" or self.clients_per_round is not None):
+        if self.secagg and (self.dp_clip is not None or self.strategy != "fedavg" or self.max_update_norm is not None
+                            or self.clients_per_round is not None):
             raise ValueError(
                 "federation.secagg=true hides single updates from the server, so it cannot be combined with dp_clip, "
-                "max_update_norm, a robust aggregator, a server optimizer or client sampling; turn those off or set secagg=false"
+                "max_update_norm, a strategy other than fedavg or client sampling; turn those off or set secagg=false"
             )
+        if self.dp_clip is not None and self.strategy not in ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm"):
+            raise ValueError(f"federation.dp_clip wraps a mean-based strategy (DP noise is calibrated to the mean); "
+                             f"{self.strategy} is not one; use fedavg, fedprox, fedadam, fedyogi or fedavgm")
         if self.secagg_threshold > self.secagg_num_shares:
             raise ValueError(f"federation.secagg_threshold={self.secagg_threshold} exceeds secagg_num_shares={self.secagg_num_shares}")
         return self
