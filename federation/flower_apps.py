@@ -101,10 +101,15 @@ def make_server_app(
             for message in messages:
                 message.metadata.group_id = str(server.round)
             replies = list(grid.send_and_receive(messages, timeout=reply_timeout))
-            results, failures, valid = [], [], {}
+            results, failures, valid, seen = [], [], {}, set()
             for reply in replies:
+                node = reply.metadata.src_node_id
+                if node not in chosen or node in seen:  # never averaged: it was not asked, or already answered
+                    failures.append({"node": node, "reason": "not sampled this round" if node not in chosen else "a second reply"})
+                    continue
+                seen.add(node)
                 if reply.has_error():
-                    failures.append({"node": reply.metadata.src_node_id, "reason": reply.error.reason})
+                    failures.append({"node": node, "reason": reply.error.reason})
                     continue
                 try:
                     metrics = reply.content["metrics"]
@@ -120,7 +125,7 @@ def make_server_app(
                     payload.record(server.round, client, "down", server.state)
                     payload.record(server.round, client, "up", delta)
             results.sort(key=lambda r: r.client)  # replies arrive in any order; aggregation must not depend on it
-            missing = len(chosen) - len(replies)
+            missing = len(chosen) - len(seen)
             for failure in failures:
                 log.warning("round %d: client node %s failed: %s", server.round, failure["node"], failure["reason"])
             report, accepted = review_round(server, results, cfg, expected=len(chosen))

@@ -217,3 +217,35 @@ def test_personal_tokens_stay_on_the_client(tmp_path: Path, tiny_llama: Path) ->
 def test_personal_tokens_need_the_soft_prompt(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"personal_tokens > 0 needs soft_prompt.enabled=true"):
         load_config(TINY, ["soft_prompt.personal_tokens=2"])
+
+
+def test_replies_from_unsampled_nodes_and_repeats_are_never_averaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that was not asked this round, and a second reply from one that was, are logged as failures; the state
+    equals that of the same round without them."""
+    from federation.checkpoint import load
+    from federation.inprocess import InProcessGrid, _wire
+    from federation.runner import train
+    from pipeline.trained import run_dir
+
+    honest = train(_recommender(tmp_path / "honest", "federation.rounds=1", "federation.clients_per_round=2"))
+    real = InProcessGrid.send_and_receive
+
+    def forged(self, messages, *, timeout=None):  # noqa: ANN001, ANN202
+        from flwr.app import Message
+
+        messages = list(messages)
+        replies = list(real(self, messages, timeout=timeout))
+        asked = {m.metadata.dst_node_id for m in messages}
+        outsider = next(n for n in self.node_ids if n not in asked)  # trains and answers without being asked
+        uninvited = Message(messages[0].content, dst_node_id=outsider, message_type="train", group_id=messages[0].metadata.group_id)
+        return [*replies, *real(self, [uninvited]), _wire(replies[0])]
+
+    monkeypatch.setattr(InProcessGrid, "send_and_receive", forged)
+    rec = _recommender(tmp_path / "forged", "federation.rounds=1", "federation.clients_per_round=2")
+    attacked = train(rec)
+    (report,) = attacked["history"]
+    assert report["accepted"] == 2 and sorted(f["reason"] for f in report["failed"]) == ["a second reply", "not sampled this round"]
+    ours = load(run_dir(rec) / "checkpoint.npz").state
+    theirs = load(run_dir(_recommender(tmp_path / "honest", "federation.rounds=1", "federation.clients_per_round=2")) / "checkpoint.npz").state
+    assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    assert honest["history"][0]["valid"] == report["valid"]
