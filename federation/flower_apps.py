@@ -131,6 +131,8 @@ def make_server_app(
             report, accepted = review_round(server, results, cfg, expected=len(chosen))
             if accepted:
                 np.random.seed(cfg.seed * 1_000_003 + server.round)  # Flower's DP noise draws from numpy's global generator
+                for r in accepted:  # the weight the strategy reads, after review_round's bound
+                    valid[r.client].content["metrics"][EXAMPLES_KEY] = r.examples
                 aggregated, _ = strategy.aggregate_train(server.round, [valid[r.client] for r in accepted])
                 if aggregated is None:
                     report.update({"applied": False, "reason": "the strategy aggregated nothing"})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +222,13 @@ def review_round(server: ServerState, results: list[ClientResult], cfg: Federati
         else:
             accepted.append(result)
     report: dict[str, Any] = {"round": server.round, "asked": expected, "received": len(results), "accepted": len(accepted), "rejected": rejected}
+    if cfg.max_weight_ratio is not None and accepted:
+        bound = max(1, int(cfg.max_weight_ratio * float(np.median([r.examples for r in accepted]))))
+        report["capped"] = [{"client": r.client, "reported": r.examples, "weight": bound} for r in accepted if r.examples > bound]
+        for capped in report["capped"]:
+            log.warning("round %d: client %s reported %d examples, more than %g× the median; weighted as %d",
+                        server.round, capped["client"], capped["reported"], cfg.max_weight_ratio, bound)
+        accepted = [replace(r, examples=min(r.examples, bound)) for r in accepted]
     if accepted:
         report["update_norm_median"] = float(np.median([l2_norm(r.delta) for r in accepted]))
     losses = [r.metrics.get("loss", float("nan")) for r in accepted]

@@ -220,6 +220,8 @@ class FederationConfig(_Section):
     """Clients `krum` / `bulyan` tolerate (bulyan needs 4·f + 3 replies per round)."""
     max_update_norm: float | None = Field(default=None, gt=0, le=1e12)
     """Updates with a larger L2 norm are rejected (None = no bound)."""
+    max_weight_ratio: float | None = Field(default=None, ge=1, le=1e6)
+    """A client's example count weighs at most this many times the round's median (a client that overstates its data cannot dominate the mean; None = as reported)."""
     dp_clip: float | None = Field(default=None, gt=0, le=1e6)
     """Central DP: clip each update to this L2 norm (None = no DP)."""
     dp_noise_multiplier: float = Field(default=0.0, ge=0, le=1e4)

@@ -249,3 +249,34 @@ def test_replies_from_unsampled_nodes_and_repeats_are_never_averaged(tmp_path: P
     theirs = load(run_dir(_recommender(tmp_path / "honest", "federation.rounds=1", "federation.clients_per_round=2")) / "checkpoint.npz").state
     assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
     assert honest["history"][0]["valid"] == report["valid"]
+
+
+def test_a_client_overstating_its_examples_is_weighted_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Client 0 reports 10× its windows. With federation.max_weight_ratio its weight is bounded and logged, and the state
+    moves less far from the honest round than it does when the claim is believed."""
+    import federation.flower_apps as apps
+    from federation.checkpoint import load
+    from federation.runner import train
+    from pipeline.trained import run_dir
+
+    def state(folder: Path, *extra: str) -> tuple[dict, dict]:
+        rec = _recommender(folder, "federation.rounds=1", *extra)
+        results = train(rec)
+        return load(run_dir(rec) / "checkpoint.npz").state, results["history"][0]
+
+    honest, _ = state(tmp_path / "honest")
+    real = apps.local_train
+
+    def boastful(state_, data, cfg, *, seed, round_):  # noqa: ANN001, ANN202
+        delta, n, metrics = real(state_, data, cfg, seed=seed, round_=round_)
+        return delta, n * 10 if seed % 100_003 == 0 else n, metrics
+
+    monkeypatch.setattr(apps, "local_train", boastful)
+    believed, _ = state(tmp_path / "believed")
+    bounded, report = state(tmp_path / "bounded", "federation.max_weight_ratio=1.5")
+    assert [c["client"] for c in report["capped"]] == [0] and report["capped"][0]["reported"] > report["capped"][0]["weight"]
+
+    def distance(a: dict) -> float:
+        return float(np.sqrt(sum(np.sum((a[k].astype(np.float64) - honest[k]) ** 2) for k in honest)))
+
+    assert distance(bounded) < distance(believed)
