@@ -95,6 +95,7 @@ def make_server_app(
             # Sample positions, not ids: node ids are unsigned 64-bit and numpy would turn them into floats.
             picked = rng.choice(len(nodes), size=sampled, replace=False)
             chosen = sorted(nodes[int(i)] for i in picked)
+            asked = set(chosen)
             random.seed(cfg.seed * 1_000_003 + server.round)  # the order Flower's sampler visits the chosen nodes
             config = ConfigRecord({"round": server.round, "recipe": recipe.to_json()})
             messages = list(strategy.configure_train(server.round, to_record(server.state), config, SampledGrid(grid, chosen)))
@@ -104,8 +105,8 @@ def make_server_app(
             results, failures, valid, seen = [], [], {}, set()
             for reply in replies:
                 node = reply.metadata.src_node_id
-                if node not in chosen or node in seen:  # never averaged: it was not asked, or already answered
-                    failures.append({"node": node, "reason": "not sampled this round" if node not in chosen else "a second reply"})
+                if node not in asked or node in seen:  # never averaged: it was not asked, or already answered
+                    failures.append({"node": node, "reason": "not sampled this round" if node not in asked else "a second reply"})
                     continue
                 seen.add(node)
                 if reply.has_error():
@@ -117,7 +118,10 @@ def make_server_app(
                     delta = delta_of(from_record(reply.content["arrays"]), server.state)
                     result = ClientResult(client, delta, int(metrics[EXAMPLES_KEY]), {"loss": float(metrics["loss"])})
                 except (KeyError, TypeError, ValueError) as exc:  # a malformed reply is a failed client, never a crash
-                    failures.append({"node": reply.metadata.src_node_id, "reason": f"malformed reply: {exc}"})
+                    failures.append({"node": node, "reason": f"malformed reply: {exc}"})
+                    continue
+                if client in valid:
+                    failures.append({"node": node, "reason": f"claims partition {client}, which another node answered"})
                     continue
                 results.append(result)
                 valid[client] = reply
@@ -137,7 +141,8 @@ def make_server_app(
                 if aggregated is None:
                     report.update({"applied": False, "reason": "the strategy aggregated nothing"})
                 else:
-                    server.state = {k: from_record(aggregated)[k].astype(v.dtype) for k, v in server.state.items()}
+                    arrays = from_record(aggregated)
+                    server.state = {k: arrays[k].astype(v.dtype) for k, v in server.state.items()}
                     server.strategy_state = strategy_state(strategy)
                     account_round(server, cfg, report)
             report.update({"failed": failures, "missing": missing})
