@@ -9,7 +9,7 @@ sample, every sampled client trains `federation.local_steps` steps in its Client
 Flower's protobuf wire format, the server validates each delta and aggregates. The first round
 is a warm-up; the table reports the median of the next `--rounds`.
 
-Usage: python benchmarks/bench_scale.py [--clients 10 100 610 10000] [--rounds 2] [--threads 2] [--report]
+Usage: python benchmarks/bench_scale.py [--clients 10 100 610 10000] [--rounds 1] [--threads 2] [--report]
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ def report() -> None:
     if not runs:
         sys.exit(f"nothing measured yet in {OUT}")
     base = runs[0]
+    per_client = [r["round_s"] / r["sampled"] * 1000 for r in runs]
+    extra = [(r["peak_rss_gib"] - base["peak_rss_gib"]) / (r["sampled"] - base["sampled"]) * 1024**2 for r in runs[1:]] or [0.0]
     rows = [[f"{r['sampled']:,}", f"{r['round_s']:.2f}", f"{r['round_s'] / r['sampled'] * 1000:.1f}",
              f"{r['client_updates_per_s']:.1f}", f"{r['peak_rss_gib']:.2f}",
              f"{(r['peak_rss_gib'] - base['peak_rss_gib']) / max(r['sampled'] - base['sampled'], 1) * 1024**2:.0f}" if r is not base else "—",
@@ -85,16 +87,20 @@ def report() -> None:
     body = (f"Synthetic population of {POPULATION:,} one-user clients (histories of 3..12 items over {ITEMS:,} items, random "
             "384-dim text vectors), a 32-dim 2-block tower (max_len 20), FedAvg, one local step per client, the in-process Flower grid "
             "(protobuf wire format, no Ray). One process per row; round time is the median over the rounds after a warm-up "
-            f"round.\n\n{table}\n\n"
-            "Round time grows linearly in the clients sampled (constant ms per client); peak memory grows with the replies "
-            "a round holds at once (the server keeps every reply of the round until it aggregates).")
-    update_results("bench:scale", "Cross-device scale (synthetic, 10,000 clients)", "python benchmarks/bench_scale.py", body)
+            f"round ({len(runs[0]['rounds_s'])} here).\n\n{table}\n\n"
+            f"Per client, a round costs {min(per_client):.1f}–{max(per_client):.1f} ms from {runs[0]['sampled']:,} to "
+            f"{runs[-1]['sampled']:,} clients sampled, so round time grows linearly; peak memory grows by "
+            f"{min(extra):.0f}–{max(extra):.0f} KiB per extra client, also linearly, because the server holds every reply of "
+            "a round (and its decoded arrays) until it aggregates.")
+    command = (f"python benchmarks/bench_scale.py --clients {' '.join(str(r['sampled']) for r in runs)} "
+               f"--rounds {len(runs[0]['rounds_s'])}")
+    update_results("bench:scale", "Cross-device scale (synthetic, 10,000 clients)", command, body)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 610, 10_000])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="only rebuild the table from saved measurements")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
