@@ -174,7 +174,7 @@ def _show_user(rec, user_index: int, k: int, split: str, *, rerank: bool = False
     else:
         results = rec.recommend(raw_id, k, split)
     target = rec.split.targets(split)[user_index]
-    title = f"top {k} for user {raw_id}{' (reranked)' if rerank else ''}; held-out {split} item: {rec.dataset.catalog.label(target)}"
+    title = f"top {len(results)} for user {raw_id}{' (reranked)' if rerank else ''}; held-out {split} item: {rec.dataset.catalog.label(target)}"
     table = Table(title=title)
     columns = [("rank", "right"), ("item", "right"), ("title", "left"), ("score", "right")]
     if rerank:

@@ -331,6 +331,7 @@ GOOD = "user_id,item_id,rating,timestamp\nu,a,4,1\nu,b,3,2\nu,c,5,3\n"
     ("v,a,nan,4", "line 5: rating must be a finite number, got 'nan'"),
     ("v,a,4,1e30", "line 5: timestamp must be seconds (or milliseconds) since 1970"),
     ("v,a,4,-Infinity", "line 5: timestamp must be a finite number"),
+    ("v,a,1e308,4", "line 5: rating must be within ±1e+06, got '1e308'"),
 ])
 def test_non_finite_ratings_and_absurd_timestamps_name_the_line(tmp_path: Path, bad_row: str, message: str) -> None:
     with pytest.raises(DataError) as raised:

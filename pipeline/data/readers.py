@@ -24,6 +24,8 @@ ML100K_GENRES = (
     "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
     "War", "Western",
 )
+MAX_RATING = 1e6
+"""Largest rating magnitude accepted (any real scale fits; 1e308 would turn the profile's mean into inf)."""
 MAX_TIMESTAMP = 253_402_300_799_999
 """Latest accepted timestamp: the end of year 9999 in milliseconds (seconds are far below it)."""
 _YEAR = re.compile(r"\s*\((\d{4})(?:[-–]\d{0,4})?\)\s*$")
@@ -156,7 +158,13 @@ def _interactions(frame: pd.DataFrame, path: Path, header_lines: int, *, numeric
             if empty.any():
                 raise DataError(f"{path} line {out['line'].iloc[int(np.argmax(empty))]}: {column} is empty; fill it in or remove the row")
     if "rating" in frame:
-        out["rating"] = to_number(frame, "rating", path, header_lines, integer=False).to_numpy()
+        ratings = to_number(frame, "rating", path, header_lines, integer=False)
+        outside = (ratings.abs() > MAX_RATING).to_numpy()
+        if outside.any():
+            row = int(np.argmax(outside))
+            raise DataError(f"{path} line {_line_of(frame, row, header_lines)}: rating must be within ±{MAX_RATING:g}, "
+                            f"got {frame['rating'].iloc[row]!r}; fix or remove that row")
+        out["rating"] = ratings.to_numpy()
     else:
         out["rating"] = np.nan
     if "timestamp" in frame:
