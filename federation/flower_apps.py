@@ -145,6 +145,8 @@ def make_server_app(
                     server.state = {k: arrays[k].astype(v.dtype) for k, v in server.state.items()}
                     server.strategy_state = strategy_state(strategy)
                     account_round(server, cfg, report)
+                    if "dp/clipping_norm" in server.strategy_state:
+                        report["dp_clipping_norm"] = float(server.strategy_state["dp/clipping_norm"][0])
             report.update({"failed": failures, "missing": missing})
             on_round(server, json.loads(json.dumps(report, default=str)))
 

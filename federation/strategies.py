@@ -4,8 +4,10 @@ The ServerApp drives a strategy one round at a time (`configure_train` → send 
 `aggregate_train`), so fedrec's layers stay around it: seeded client sampling, update
 validation, payload accounting, per-round checkpoints and early stopping. Clients reply with
 their full arrays, as Flower's strategies expect; the server derives the delta it validates.
-Central DP wraps the strategy in Flower's `DifferentialPrivacyServerSideFixedClipping`, whose
-mean is unweighted (every client carries weight 1), as the noise calibration requires.
+Central DP wraps the strategy in Flower's `DifferentialPrivacyServerSideFixedClipping` (or, with
+`dp_adaptive`, `...AdaptiveClipping`, which spends part of the same noise budget on the clipped
+count, so ε is still that of `dp_noise_multiplier`); its mean is unweighted (every client carries
+weight 1), as the noise calibration requires.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as fl
 
 from federation.core import State
+from pipeline.errors import FedrecError
 
 if TYPE_CHECKING:
     from pipeline.config import FederationConfig
@@ -54,7 +57,15 @@ def make_strategy(cfg: FederationConfig, sampled: int) -> fl.Strategy:
         strategy = fl.Krum(**common, num_malicious_nodes=cfg.num_malicious)
     else:
         strategy = fl.Bulyan(**common, num_malicious_nodes=cfg.num_malicious)
-    if cfg.dp_clip is not None:
+    if cfg.dp_clip is not None and cfg.dp_adaptive:
+        try:
+            strategy = fl.DifferentialPrivacyServerSideAdaptiveClipping(
+                strategy, cfg.dp_noise_multiplier, sampled, initial_clipping_norm=cfg.dp_clip,
+                target_clipped_quantile=cfg.dp_target_quantile, clip_norm_lr=cfg.dp_clip_lr)
+        except ValueError as exc:  # the clipped-count query needs part of the noise budget; too few clients leave none
+            raise FedrecError(f"federation.dp_adaptive with {sampled} clients per round and dp_noise_multiplier="
+                              f"{cfg.dp_noise_multiplier}: {exc}; sample more clients, or lower the noise, or set dp_adaptive=false") from None
+    elif cfg.dp_clip is not None:
         strategy = fl.DifferentialPrivacyServerSideFixedClipping(strategy, cfg.dp_noise_multiplier, cfg.dp_clip, sampled)
     return strategy
 
@@ -64,8 +75,11 @@ def _inner(strategy: fl.Strategy) -> fl.Strategy:
 
 
 def strategy_state(strategy: fl.Strategy) -> State:
-    """What the strategy carries between rounds (FedOpt moments, FedAvgM momentum and arrays), as named arrays."""
+    """What the strategy carries between rounds (FedOpt moments, FedAvgM momentum and arrays, the adaptive clipping
+    norm), as named arrays."""
     inner, out = _inner(strategy), {}
+    if isinstance(strategy, fl.DifferentialPrivacyServerSideAdaptiveClipping):
+        out["dp/clipping_norm"] = np.array([strategy.clipping_norm], np.float64)
     for moment in ("m_t", "v_t"):
         for key, value in (getattr(inner, moment, None) or {}).items():
             out[f"{moment}/{key}"] = np.asarray(value)
@@ -82,6 +96,8 @@ def load_strategy_state(strategy: fl.Strategy, arrays: State) -> None:
     from flwr.app import Array, ArrayRecord
 
     inner = _inner(strategy)
+    if isinstance(strategy, fl.DifferentialPrivacyServerSideAdaptiveClipping) and "dp/clipping_norm" in arrays:
+        strategy.clipping_norm = float(arrays["dp/clipping_norm"][0])
     for moment in ("m_t", "v_t"):
         found = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{moment}/")}
         if found:

@@ -228,6 +228,12 @@ class FederationConfig(_Section):
     """Central DP: Gaussian noise std as a multiple of dp_clip, on the sum of updates."""
     dp_delta: float = Field(default=1e-5, gt=0, lt=1)
     """δ at which ε is reported."""
+    dp_adaptive: bool = False
+    """Central DP with adaptive clipping (Andrew et al.): dp_clip is the initial norm, moved each round towards the dp_target_quantile of update norms."""
+    dp_target_quantile: float = Field(default=0.5, ge=0, le=1)
+    """Adaptive clipping: the fraction of updates the norm should leave unclipped."""
+    dp_clip_lr: float = Field(default=0.2, gt=0, le=10)
+    """Adaptive clipping: learning rate of the geometric norm update."""
     secagg: bool = False
     """Aggregate with SecAgg+ (the server sees only the weighted mean; no per-update validation, robust rules or central DP)."""
     secagg_num_shares: int = Field(default=3, ge=2)

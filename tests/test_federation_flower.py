@@ -280,3 +280,30 @@ def test_a_client_overstating_its_examples_is_weighted_down(tmp_path: Path, monk
         return float(np.sqrt(sum(np.sum((a[k].astype(np.float64) - honest[k]) ** 2) for k in honest)))
 
     assert distance(bounded) < distance(believed)
+
+
+@pytest.mark.parametrize("extra", [[], ["federation.dp_adaptive=true", "federation.dp_target_quantile=0.5"]],
+                         ids=["fixed-clipping", "adaptive-clipping"])
+def test_central_dp_runs_resume_exactly(tmp_path: Path, extra: list[str]) -> None:
+    """Flower's DP wrappers with seeded noise: 3 rounds straight equal 1 round + resume; adaptive clipping moves its norm
+    and the norm is restored on resume."""
+    from federation.runner import train
+
+    dp = ["federation.dp_clip=0.5", "federation.dp_noise_multiplier=0.3", *extra]
+    whole = train(_recommender(tmp_path / "a", "federation.rounds=3", *dp))
+    train(_recommender(tmp_path / "b", "federation.rounds=1", *dp))
+    resumed = train(_recommender(tmp_path / "b", "federation.rounds=3", *dp), resume=True)
+    assert [h["valid"] for h in resumed["history"]] == [h["valid"] for h in whole["history"]]
+    assert resumed["test"] == whole["test"] and resumed["epsilon"] == whole["epsilon"]
+    if extra:
+        norms = [h["dp_clipping_norm"] for h in whole["history"]]
+        assert norms == [h["dp_clipping_norm"] for h in resumed["history"]] and len(set(norms)) == 3
+
+
+def test_adaptive_clipping_with_too_few_clients_says_why(tmp_path: Path) -> None:
+    from federation.runner import train
+    from pipeline.errors import FedrecError
+
+    rec = _recommender(tmp_path, "federation.rounds=1", "federation.dp_clip=0.5", "federation.dp_noise_multiplier=2.0", "federation.dp_adaptive=true")
+    with pytest.raises(FedrecError, match=r"dp_adaptive with 4 clients per round and dp_noise_multiplier=2.0: .*sample more clients"):
+        train(rec)
