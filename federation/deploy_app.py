@@ -54,9 +54,11 @@ def make_deployment_client_app() -> ClientApp:
         settings = _run_settings(context.run_config)
         if settings not in inner:
             from federation.runner import client_loader
+            from federation.strategies import client_mods
 
             rec = _recommender(*settings)
-            inner[settings] = make_client_app(client_loader(rec, partition_users(rec.dataset, rec.split.train(), rec.cfg.partition)))
+            inner[settings] = make_client_app(client_loader(rec, partition_users(rec.dataset, rec.split.train(), rec.cfg.partition)),
+                                              client_mods(rec.cfg.federation))
         return inner[settings](msg, context)
 
     return app

@@ -43,9 +43,10 @@ def from_record(record: ArrayRecord) -> State:
     return {k: a.numpy() for k, a in record.items()}
 
 
-def make_client_app(load: ClientLoader) -> ClientApp:
-    """A ClientApp whose data comes from `load(partition_id)`, which runs on the client only."""
-    app = ClientApp()
+def make_client_app(load: ClientLoader, mods: list | None = None) -> ClientApp:
+    """A ClientApp whose data comes from `load(partition_id)`, which runs on the client only; `mods` wrap it
+    (`federation.strategies.client_mods`: Flower's clipping mod under client-side DP)."""
+    app = ClientApp(mods=list(mods or []))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -136,7 +136,9 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
             from federation.flower_apps import make_client_app, make_server_app
 
             server_app = make_server_app(server, recipe, len(clients), on_round=on_round, payload=payload)
-            client_app = make_client_app(load)
+            from federation.strategies import client_mods
+
+            client_app = make_client_app(load, client_mods(rec.cfg.federation))
         if server.round < cfg.rounds and grid is not None:
             from flwr.app import Context, RecordDict
 

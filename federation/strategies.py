@@ -57,17 +57,31 @@ def make_strategy(cfg: FederationConfig, sampled: int) -> fl.Strategy:
         strategy = fl.Krum(**common, num_malicious_nodes=cfg.num_malicious)
     else:
         strategy = fl.Bulyan(**common, num_malicious_nodes=cfg.num_malicious)
-    if cfg.dp_clip is not None and cfg.dp_adaptive:
+    if cfg.dp_clip is None:
+        return strategy
+    client = cfg.dp_clip_on == "client"
+    if cfg.dp_adaptive:
+        wrapper = fl.DifferentialPrivacyClientSideAdaptiveClipping if client else fl.DifferentialPrivacyServerSideAdaptiveClipping
         try:
-            strategy = fl.DifferentialPrivacyServerSideAdaptiveClipping(
-                strategy, cfg.dp_noise_multiplier, sampled, initial_clipping_norm=cfg.dp_clip,
-                target_clipped_quantile=cfg.dp_target_quantile, clip_norm_lr=cfg.dp_clip_lr)
+            return wrapper(strategy, cfg.dp_noise_multiplier, sampled, initial_clipping_norm=cfg.dp_clip,
+                           target_clipped_quantile=cfg.dp_target_quantile, clip_norm_lr=cfg.dp_clip_lr)
         except ValueError as exc:  # the clipped-count query needs part of the noise budget; too few clients leave none
             raise FedrecError(f"federation.dp_adaptive with {sampled} clients per round and dp_noise_multiplier="
                               f"{cfg.dp_noise_multiplier}: {exc}; sample more clients, or lower the noise, or set dp_adaptive=false") from None
-    elif cfg.dp_clip is not None:
-        strategy = fl.DifferentialPrivacyServerSideFixedClipping(strategy, cfg.dp_noise_multiplier, cfg.dp_clip, sampled)
-    return strategy
+    wrapper = fl.DifferentialPrivacyClientSideFixedClipping if client else fl.DifferentialPrivacyServerSideFixedClipping
+    return wrapper(strategy, cfg.dp_noise_multiplier, cfg.dp_clip, sampled)
+
+
+def client_mods(cfg: FederationConfig) -> list:
+    """The ClientApp mods the configured DP needs: Flower's clipping mod when clients clip their own updates."""
+    if cfg.dp_clip is None or cfg.dp_clip_on != "client":
+        return []
+    from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+
+    return [adaptiveclipping_mod if cfg.dp_adaptive else fixedclipping_mod]
+
+
+_ADAPTIVE = (fl.DifferentialPrivacyServerSideAdaptiveClipping, fl.DifferentialPrivacyClientSideAdaptiveClipping)
 
 
 def _inner(strategy: fl.Strategy) -> fl.Strategy:
@@ -78,7 +92,7 @@ def strategy_state(strategy: fl.Strategy) -> State:
     """What the strategy carries between rounds (FedOpt moments, FedAvgM momentum and arrays, the adaptive clipping
     norm), as named arrays."""
     inner, out = _inner(strategy), {}
-    if isinstance(strategy, fl.DifferentialPrivacyServerSideAdaptiveClipping):
+    if isinstance(strategy, _ADAPTIVE):
         out["dp/clipping_norm"] = np.array([strategy.clipping_norm], np.float64)
     for moment in ("m_t", "v_t"):
         for key, value in (getattr(inner, moment, None) or {}).items():
@@ -96,7 +110,7 @@ def load_strategy_state(strategy: fl.Strategy, arrays: State) -> None:
     from flwr.app import Array, ArrayRecord
 
     inner = _inner(strategy)
-    if isinstance(strategy, fl.DifferentialPrivacyServerSideAdaptiveClipping) and "dp/clipping_norm" in arrays:
+    if isinstance(strategy, _ADAPTIVE) and "dp/clipping_norm" in arrays:
         strategy.clipping_norm = float(arrays["dp/clipping_norm"][0])
     for moment in ("m_t", "v_t"):
         found = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{moment}/")}

@@ -228,6 +228,8 @@ class FederationConfig(_Section):
     """Central DP: Gaussian noise std as a multiple of dp_clip, on the sum of updates."""
     dp_delta: float = Field(default=1e-5, gt=0, lt=1)
     """δ at which ε is reported."""
+    dp_clip_on: Literal["server", "client"] = "server"
+    """Where central DP clips: on the server (it sees raw updates), or on each client with Flower's clipping mods (the server only noises)."""
     dp_adaptive: bool = False
     """Central DP with adaptive clipping (Andrew et al.): dp_clip is the initial norm, moved each round towards the dp_target_quantile of update norms."""
     dp_target_quantile: float = Field(default=0.5, ge=0, le=1)

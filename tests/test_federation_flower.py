@@ -282,11 +282,12 @@ def test_a_client_overstating_its_examples_is_weighted_down(tmp_path: Path, monk
     assert distance(bounded) < distance(believed)
 
 
-@pytest.mark.parametrize("extra", [[], ["federation.dp_adaptive=true", "federation.dp_target_quantile=0.5"]],
-                         ids=["fixed-clipping", "adaptive-clipping"])
+@pytest.mark.parametrize("extra", [[], ["federation.dp_adaptive=true", "federation.dp_target_quantile=0.5"], ["federation.dp_clip_on=client"],
+                                   ["federation.dp_clip_on=client", "federation.dp_adaptive=true"]],
+                         ids=["server-fixed", "server-adaptive", "client-fixed", "client-adaptive"])
 def test_central_dp_runs_resume_exactly(tmp_path: Path, extra: list[str]) -> None:
-    """Flower's DP wrappers with seeded noise: 3 rounds straight equal 1 round + resume; adaptive clipping moves its norm
-    and the norm is restored on resume."""
+    """Flower's DP wrappers (server- or client-side clipping, the latter through Flower's clipping mods) with seeded noise:
+    3 rounds straight equal 1 round + resume; adaptive clipping moves its norm and the norm is restored on resume."""
     from federation.runner import train
 
     dp = ["federation.dp_clip=0.5", "federation.dp_noise_multiplier=0.3", *extra]
@@ -295,7 +296,12 @@ def test_central_dp_runs_resume_exactly(tmp_path: Path, extra: list[str]) -> Non
     resumed = train(_recommender(tmp_path / "b", "federation.rounds=3", *dp), resume=True)
     assert [h["valid"] for h in resumed["history"]] == [h["valid"] for h in whole["history"]]
     assert resumed["test"] == whole["test"] and resumed["epsilon"] == whole["epsilon"]
-    if extra:
+    norms_seen = [h["update_norm_median"] for h in whole["history"]]
+    if extra == ["federation.dp_clip_on=client"]:
+        assert max(norms_seen) <= 0.5 + 1e-4  # clipped before it left the client
+    elif not extra:
+        assert min(norms_seen) > 0.5  # the server sees raw updates and clips them itself
+    if "federation.dp_adaptive=true" in extra:
         norms = [h["dp_clipping_norm"] for h in whole["history"]]
         assert norms == [h["dp_clipping_norm"] for h in resumed["history"]] and len(set(norms)) == 3
 
