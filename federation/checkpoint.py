@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-from federation.core import PrivacyAccountant, State
+from federation.core import PrivacyAccountant, State, non_finite
 from federation.task import ServerState
 from pipeline.errors import FedrecError
 from pipeline.io import atomic_path
@@ -87,7 +87,7 @@ def load(path: Path, expected: State | None = None) -> ServerState:
         cast = [k for k in expected if state[k].dtype != expected[k].dtype]
         if cast:
             raise FedrecError(f"checkpoint {path} holds {cast[0]} as {state[cast[0]].dtype}, expected {expected[cast[0]].dtype}; {fix}")
-    broken = [k for k, v in {**state, **strategy}.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+    broken = non_finite({**state, **strategy})
     if broken:
         raise FedrecError(f"checkpoint {path} holds NaN or infinite values in {', '.join(broken[:3])}; {fix}")
     accountant = None

@@ -39,6 +39,11 @@ def l2_norm(update: State) -> float:
     return float(math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.values())))
 
 
+def non_finite(arrays: State) -> list[str]:
+    """Names of the floating-point arrays that hold NaN or infinite values."""
+    return [k for k, v in arrays.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+
+
 def validate_update(update: State, reference: State, *, max_norm: float | None = None) -> str | None:
     """Why `update` must be rejected, or None when it is acceptable.
 
@@ -118,9 +123,14 @@ class PrivacyAccountant:
         accountant.compose(self._event())
         return float(accountant.get_epsilon(delta))
 
+    def report(self, delta: float) -> dict[str, float]:
+        """`epsilon_rdp`, `epsilon_pld` and `epsilon`, the tighter of the two (each is a valid upper bound on ε)."""
+        rdp, pld = self.epsilon_rdp(delta), self.epsilon_pld(delta)
+        return {"epsilon_rdp": rdp, "epsilon_pld": pld, "epsilon": min(rdp, pld)}
+
     def epsilon(self, delta: float) -> float:
-        """The tighter of the two bounds (each is a valid upper bound on ε)."""
-        return min(self.epsilon_rdp(delta), self.epsilon_pld(delta))
+        """The tighter of the two bounds."""
+        return self.report(delta)["epsilon"]
 
 
 @dataclass

@@ -172,8 +172,7 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
     if rec.cfg.soft_prompt.enabled:
         results["test_rerank"] = evaluate_rerank_served(served, "test", eval_users, clients, personal=_personal_tokens(rec))
     if server.accountant is not None:
-        results.update({"epsilon_rdp": server.accountant.epsilon_rdp(cfg.dp_delta), "epsilon_pld": server.accountant.epsilon_pld(cfg.dp_delta)})
-        results["epsilon"] = min(results["epsilon_rdp"], results["epsilon_pld"])
+        results.update(server.accountant.report(cfg.dp_delta))
     finish_run(rec, run, results)
     return results
 

@@ -246,9 +246,7 @@ def account_round(server: ServerState, cfg: FederationConfig, report: dict[str, 
     if server.accountant is None:
         return
     server.accountant.step()
-    report["epsilon_rdp"] = server.accountant.epsilon_rdp(cfg.dp_delta)
-    report["epsilon_pld"] = server.accountant.epsilon_pld(cfg.dp_delta)
-    report["epsilon"] = min(report["epsilon_rdp"], report["epsilon_pld"])
+    report.update(server.accountant.report(cfg.dp_delta))
 
 
 def best_round(history: list[dict[str, Any]], metric: str = "R@10") -> tuple[int, float]:

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictInt, Va
 
 from pipeline.config import FedrecConfig
 from pipeline.errors import FedrecError, show_ids
-from pipeline.io import file_digest, prefix_digest, write_json
+from pipeline.io import check_writable, file_digest, prefix_digest, write_json
 from pipeline.llm.base import LLMError
 
 log = logging.getLogger(__name__)
@@ -414,25 +414,16 @@ def _resume(job: JobProgress, output_path: Path, errors_path: Path, progress_pat
 
 
 def _check_paths(input_path: Path, paths: dict[str, Path]) -> None:
-    """Refuse output paths that collide, are not plain files, or lie where no folder can be made, before any model work."""
+    """Refuse output paths that collide, are not plain writable files, or lie where no folder can be made, before any
+    model work (folders are created)."""
     seen = {input_path.resolve(): "--input"}
     for what, path in paths.items():
         key = path.resolve()
         if key in seen:
             raise FedrecError(f"{what} {path} is the same file as {seen[key]}; give each its own path")
         seen[key] = what
-        if path.is_dir():
-            raise FedrecError(f"{what} {path} is a folder; give a file path, e.g. {path / 'results.jsonl'}")
-        if path.exists() and not path.is_file():
-            raise FedrecError(f"{what} {path} is not a regular file; give the path of a file to write")
     for what, path in paths.items():
-        above = next(p for p in path.parents if p.exists())
-        if not above.is_dir():
-            raise FedrecError(f"cannot create the folder for {what} {path}: {above} is a file, not a folder; choose another path")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise FedrecError(f"cannot create the folder {path.parent} for {what} {path}: {exc.strerror}; choose a writable folder") from None
+        check_writable(path, what)
 
 
 def _touch(path: Path, what: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -389,11 +388,11 @@ def serve(
 ) -> None:
     """The demo page and JSON API (OpenAPI schema at /openapi.json): search, profile, candidates, LLM ranking, explanation."""
     try:
+        from pipeline.serve import check_limits
         from pipeline.serve import serve as start
     except ImportError as exc:
         raise ImportError(f"fedrec serve needs the serve extra: pip install -e '.[serve]' ({exc})") from None
-    if not math.isfinite(timeout):  # click's range check lets nan through
-        raise FedrecError(f"--timeout must be a finite number of seconds, got {timeout}")
+    check_limits(timeout, max_queue)
     cfg = _config(config, overrides)
     rec = _recommender(cfg, run, serving=True)
     with console.status("building the item index"):

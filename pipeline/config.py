@@ -27,6 +27,8 @@ from retrieval.config import TowerConfig
 
 DatasetName = Literal["ml-100k", "ml-latest-small", "ml-1m", "ml-10m", "ml-25m", "ml-32m", "custom"]
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedtrimmedavg", "fedmedian", "krum", "bulyan"]
+MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
+"""Strategies built on the (weighted) mean, the only ones central DP's noise is calibrated for."""
 DataFormat = Literal["auto", "ml-100k", "movielens-csv", "movielens-dat", "recbole", "interactions"]
 
 
@@ -261,9 +263,9 @@ class FederationConfig(_Section):
                 "federation.secagg=true hides single updates from the server, so it cannot be combined with dp_clip, "
                 "max_update_norm, a strategy other than fedavg or client sampling; turn those off or set secagg=false"
             )
-        if self.dp_clip is not None and self.strategy not in ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm"):
+        if self.dp_clip is not None and self.strategy not in MEAN_STRATEGIES:
             raise ValueError(f"federation.dp_clip wraps a mean-based strategy (DP noise is calibrated to the mean); "
-                             f"{self.strategy} is not one; use fedavg, fedprox, fedadam, fedyogi or fedavgm")
+                             f"{self.strategy} is not one; use {', '.join(MEAN_STRATEGIES[:-1])} or {MEAN_STRATEGIES[-1]}")
         if self.secagg_threshold > self.secagg_num_shares:
             raise ValueError(f"federation.secagg_threshold={self.secagg_threshold} exceeds secagg_num_shares={self.secagg_num_shares}")
         return self

@@ -62,27 +62,23 @@ def write_json(target: str | Path, payload: Any) -> Path:
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file, read in chunks."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return prefix_digest(path, None, algorithm).hexdigest()
 
 
-def prefix_digest(path: str | Path, size: int, algorithm: str = "sha256") -> Any:
-    """Hash object over the first `size` bytes of a file (all of it if shorter), read in chunks.
+def prefix_digest(path: str | Path, size: int | None, algorithm: str = "sha256") -> Any:
+    """Hash object over the first `size` bytes of a file (all of it if shorter, or when `size` is None), read in chunks.
 
     The object is returned, not its hex digest, so a caller appending to the file can keep feeding it.
     """
     digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         left = size
-        while left > 0:
-            chunk = handle.read(min(left, 1 << 20))
+        while left is None or left > 0:
+            chunk = handle.read(1 << 20 if left is None else min(left, 1 << 20))
             if not chunk:
                 break
             digest.update(chunk)
-            left -= len(chunk)
+            left = None if left is None else left - len(chunk)
     return digest
 
 
@@ -99,11 +95,13 @@ def check_writable(path: str | Path, what: str, *, folder: bool = False) -> Path
     path = Path(path)
     if not folder and path.is_dir():
         raise FedrecError(f"{what} {path} is a folder; give a file path, e.g. {path / 'report.json'}")
+    if not folder and path.exists() and not path.is_file():
+        raise FedrecError(f"{what} {path} is not a regular file; give the path of a file to write")
     if folder and path.exists() and not path.is_dir():
         raise FedrecError(f"{what} {path} is a file, not a folder; give a folder path")
     above = next((p for p in path.parents if p.exists()), None)
     if above is not None and not above.is_dir():
-        raise FedrecError(f"cannot create {what} {path}: {above} is a file, not a folder; choose another path")
+        raise FedrecError(f"cannot create the folder for {what} {path}: {above} is a file, not a folder; choose another path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -117,6 +117,15 @@ class Unavailable(Exception):
     """The request asks for something this server has not loaded (409)."""
 
 
+def check_limits(timeout_s: float, max_queue: int) -> None:
+    """Refuse a request timeout that is not a finite number of seconds > 0 (click's range check lets nan through) or an
+    empty queue; `fedrec serve` calls it before it loads any model."""
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise FedrecError(f"--timeout must be a finite number of seconds, got {timeout_s}; give a value > 0")
+    if max_queue < 1:
+        raise FedrecError(f"--max-queue must be >= 1, got {max_queue}")
+
+
 class Demo:
     """What the app serves: one recommender and the trained run it serves, if any (tower, soft prompt and curves).
 
@@ -127,10 +136,7 @@ class Demo:
     """
 
     def __init__(self, rec: Recommender, *, timeout_s: float = 120.0, max_queue: int = 32) -> None:
-        if not (math.isfinite(timeout_s) and timeout_s > 0):
-            raise FedrecError(f"--timeout must be a finite number of seconds > 0, got {timeout_s}")
-        if max_queue < 1:
-            raise FedrecError(f"--max-queue must be >= 1, got {max_queue}")
+        check_limits(timeout_s, max_queue)
         self.rec = rec
         self.timeout_s = timeout_s
         self.max_queue = max_queue

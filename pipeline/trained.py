@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from federation.core import non_finite
 from pipeline.errors import FedrecError
 from pipeline.io import atomic_path, file_digest, write_json, write_text
 
@@ -286,7 +287,7 @@ def load_trained(folder: str | Path, rec: Recommender) -> TrainedRun:
     if embeddings.shape != (rec.dataset.n_items, rec.cfg.tower.dim):
         raise RunError(f"{folder / 'item_embeddings.npy'} has shape {embeddings.shape}, expected ({rec.dataset.n_items}, {rec.cfg.tower.dim})")
     for name, arrays in (("best.npz", state), ("item_embeddings.npy", {"embeddings": embeddings})):
-        broken = [k for k, v in arrays.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+        broken = non_finite(arrays)
         if broken:
             raise RunError(f"{folder / name} holds NaN or infinite values ({', '.join(broken[:3])}); retrain with `fedrec train`")
     return TrainedRun(folder, manifest, state, embeddings, rec.item_vectors, rec.cfg.index.factory)

@@ -129,8 +129,12 @@ def read_table(path: Path, sep: str, columns: list[str], *, header: bool, encodi
     return frame
 
 
-def to_number(frame: pd.DataFrame, column: str, path: Path, header_lines: int, *, integer: bool) -> pd.Series:
-    """Convert a string column to numbers; the first bad value is reported with its line."""
+def to_number(frame: pd.DataFrame, column: str, path: Path, header_lines: int, *, integer: bool,
+              bounds: tuple[float, float] | None = None, meaning: str = "") -> pd.Series:
+    """Convert a string column to numbers; the first bad value is reported with its line.
+
+    With `bounds`, a value outside `[low, high]` is reported too, as `column must be {meaning}`.
+    """
     values = pd.to_numeric(frame[column].str.strip(), errors="coerce")
     as_float = values.to_numpy(dtype=float, na_value=np.nan)
     bad = ~np.isfinite(as_float)  # missing, text, inf and nan alike
@@ -143,6 +147,12 @@ def to_number(frame: pd.DataFrame, column: str, path: Path, header_lines: int, *
             f"{path} line {_line_of(frame, row, header_lines)}: {column} must be {kind}, "
             f"got {frame[column].iloc[row]!r}; fix or remove that row"
         )
+    if bounds is not None:
+        outside = (as_float < bounds[0]) | (as_float > bounds[1])
+        if outside.any():
+            row = int(np.argmax(outside))
+            raise DataError(f"{path} line {_line_of(frame, row, header_lines)}: {column} must be {meaning}, "
+                            f"got {frame[column].iloc[row]!r}; fix or remove that row")
     return values.astype("int64") if integer else values.astype("float64")
 
 
@@ -158,24 +168,13 @@ def _interactions(frame: pd.DataFrame, path: Path, header_lines: int, *, numeric
             if empty.any():
                 raise DataError(f"{path} line {out['line'].iloc[int(np.argmax(empty))]}: {column} is empty; fill it in or remove the row")
     if "rating" in frame:
-        ratings = to_number(frame, "rating", path, header_lines, integer=False)
-        outside = (ratings.abs() > MAX_RATING).to_numpy()
-        if outside.any():
-            row = int(np.argmax(outside))
-            raise DataError(f"{path} line {_line_of(frame, row, header_lines)}: rating must be within ±{MAX_RATING:g}, "
-                            f"got {frame['rating'].iloc[row]!r}; fix or remove that row")
-        out["rating"] = ratings.to_numpy()
+        out["rating"] = to_number(frame, "rating", path, header_lines, integer=False, bounds=(-MAX_RATING, MAX_RATING),
+                                  meaning=f"within ±{MAX_RATING:g}").to_numpy()
     else:
         out["rating"] = np.nan
     if "timestamp" in frame:
-        stamps = to_number(frame, "timestamp", path, header_lines, integer=False)
-        outside = ((stamps < 0) | (stamps > MAX_TIMESTAMP)).to_numpy()
-        if outside.any():
-            row = int(np.argmax(outside))
-            raise DataError(
-                f"{path} line {_line_of(frame, row, header_lines)}: timestamp must be seconds (or milliseconds) since 1970, "
-                f"0..{MAX_TIMESTAMP}, got {frame['timestamp'].iloc[row]!r}; fix or remove that row"
-            )
+        stamps = to_number(frame, "timestamp", path, header_lines, integer=False, bounds=(0, MAX_TIMESTAMP),
+                           meaning=f"seconds (or milliseconds) since 1970, 0..{MAX_TIMESTAMP}")
         out["timestamp"] = np.floor(stamps.to_numpy()).astype("int64")
     else:
         out["timestamp"] = out["line"].to_numpy(dtype="int64")
