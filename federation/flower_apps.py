@@ -21,11 +21,24 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from federation.compression import decode
 from federation.core import Payload, State, add, delta_of
 from federation.strategies import EXAMPLES_KEY, UNIT_KEY, SampledGrid, load_strategy_state, make_strategy, strategy_state
-from federation.task import ClientData, ClientResult, Recipe, ServerState, account_round, keep_going, local_train, review_round
+from federation.task import (
+    ClientData,
+    ClientResult,
+    Recipe,
+    ServerState,
+    account_round,
+    keep_going,
+    local_train,
+    review_round,
+    upload,
+)
 
 log = logging.getLogger(__name__)
+UPDATE_KEY = "update"
+"""Reply record that holds a compressed update (instead of the full "arrays")."""
 ClientLoader = Callable[[int], ClientData]
 """partition id → that client's private data."""
 
@@ -54,9 +67,14 @@ def make_client_app(load: ClientLoader, mods: list | None = None) -> ClientApp:
         recipe = Recipe.from_json(str(msg.content["config"]["recipe"]))
         round_ = int(msg.content["config"]["round"])
         start = from_record(msg.content["arrays"])
-        delta, examples, metrics = local_train(start, load(partition), recipe, seed=round_ * 100_003 + partition, round_=round_)
+        data = load(partition)
+        delta, examples, metrics = local_train(start, data, recipe, seed=round_ * 100_003 + partition, round_=round_)
+        if recipe.federation.compresses_uploads:  # the server decodes it into full arrays for the strategy
+            arrays = {UPDATE_KEY: to_record(upload(delta, data, recipe.federation, round_=round_))}
+        else:  # Flower's strategies take the clients' full arrays
+            arrays = {"arrays": to_record(add(start, delta))}
         reply = RecordDict({
-            "arrays": to_record(add(start, delta)),  # Flower's strategies take the clients' full arrays
+            **arrays,
             "metrics": MetricRecord({EXAMPLES_KEY: int(examples), UNIT_KEY: 1, "loss": float(metrics["loss"]), "partition-id": partition}),
         })
         return Message(reply, reply_to=msg)
@@ -88,18 +106,22 @@ def make_server_app(
         logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower logs every sampling and aggregation at INFO
         nodes = wait_for_nodes(grid, n_clients)
         sampled = min(cfg.clients_per_round or len(nodes), len(nodes))
+        rate = sampled / len(nodes)  # Poisson sampling: each node's chance per round
         strategy = make_strategy(cfg, sampled)
         load_strategy_state(strategy, server.strategy_state)
         while keep_going(server, cfg):
             server.round += 1
             rng = np.random.default_rng([cfg.seed, server.round])
             # Sample positions, not ids: node ids are unsigned 64-bit and numpy would turn them into floats.
-            picked = rng.choice(len(nodes), size=sampled, replace=False)
+            if cfg.sampling == "poisson":
+                picked = np.flatnonzero(rng.random(len(nodes)) < rate)
+            else:
+                picked = rng.choice(len(nodes), size=sampled, replace=False)
             chosen = sorted(nodes[int(i)] for i in picked)
             asked = set(chosen)
             random.seed(cfg.seed * 1_000_003 + server.round)  # the order Flower's sampler visits the chosen nodes
             config = ConfigRecord({"round": server.round, "recipe": recipe.to_json()})
-            messages = list(strategy.configure_train(server.round, to_record(server.state), config, SampledGrid(grid, chosen)))
+            messages = list(strategy.configure_train(server.round, to_record(server.state), config, SampledGrid(grid, chosen))) if chosen else []
             for message in messages:
                 message.metadata.group_id = str(server.round)
             replies = list(grid.send_and_receive(messages, timeout=reply_timeout))
@@ -116,7 +138,14 @@ def make_server_app(
                 try:
                     metrics = reply.content["metrics"]
                     client = int(metrics["partition-id"])
-                    delta = delta_of(from_record(reply.content["arrays"]), server.state)
+                    if UPDATE_KEY in reply.content:
+                        sent = from_record(reply.content[UPDATE_KEY])
+                        delta = decode(sent, server.state)  # a CompressionError (a ValueError) names what is wrong
+                        del reply.content[UPDATE_KEY]
+                        reply.content["arrays"] = to_record(add(server.state, delta))
+                    else:
+                        delta = delta_of(from_record(reply.content["arrays"]), server.state)
+                        sent = delta
                     result = ClientResult(client, delta, int(metrics[EXAMPLES_KEY]), {"loss": float(metrics["loss"])})
                 except (KeyError, TypeError, ValueError) as exc:  # a malformed reply is a failed client, never a crash
                     failures.append({"node": node, "reason": f"malformed reply: {exc}"})
@@ -128,21 +157,29 @@ def make_server_app(
                 valid[client] = reply
                 if payload is not None:
                     payload.record(server.round, client, "down", server.state)
-                    payload.record(server.round, client, "up", delta)
+                    payload.record(server.round, client, "up", sent)
             results.sort(key=lambda r: r.client)  # replies arrive in any order; aggregation must not depend on it
             missing = len(chosen) - len(seen)
             for failure in failures:
                 log.warning("round %d: client node %s failed: %s", server.round, failure["node"], failure["reason"])
             report, accepted = review_round(server, results, cfg, expected=len(chosen))
+            if not chosen:
+                report["reason"] = "Poisson sampling picked no client this round"
+                account_round(server, cfg, report)  # the round still counts towards ε
             if accepted:
                 np.random.seed(cfg.seed * 1_000_003 + server.round)  # Flower's DP noise draws from numpy's global generator
                 for r in accepted:  # the weight the strategy reads, after review_round's bound
                     valid[r.client].content["metrics"][EXAMPLES_KEY] = r.examples
+                poisson_dp = cfg.sampling == "poisson" and cfg.dp_clip is not None
+                if poisson_dp:  # Flower's noise on the mean of n is std z·C/n: the Gaussian sum mechanism, divided by n
+                    strategy.num_sampled_clients = len(accepted)
                 aggregated, _ = strategy.aggregate_train(server.round, [valid[r.client] for r in accepted])
                 if aggregated is None:
                     report.update({"applied": False, "reason": "the strategy aggregated nothing"})
                 else:
                     arrays = from_record(aggregated)
+                    if poisson_dp:  # divide the noised sum by the expected count instead (fixed-denominator estimator)
+                        arrays = add(server.state, delta_of(arrays, server.state), len(accepted) / (rate * len(nodes)))
                     server.state = {k: arrays[k].astype(v.dtype) for k, v in server.state.items()}
                     server.strategy_state = strategy_state(strategy)
                     account_round(server, cfg, report)

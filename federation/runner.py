@@ -9,6 +9,7 @@ FAISS path that `fedrec evaluate --run`, `recommend` and `serve` use.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ import numpy as np
 
 from federation import checkpoint
 from federation.core import Payload, State
-from federation.task import ClientData, LLMTask, PrivateStore, Recipe, ServerState, best_round, new_server
+from federation.task import ClientData, LLMTask, PrivateStore, Recipe, ServerState, kept_round, new_server
 from pipeline.data import partition_users
 from pipeline.errors import FedrecError
 from pipeline.evaluate import evaluate_rerank_served, evaluate_served, evaluate_state
@@ -58,7 +59,9 @@ def client_loader(rec: Recommender, clients: list[np.ndarray]) -> Callable[[int]
             profiles = [rec.text_profile(h[:-1], rec.dataset.ratings[u][: len(h) - 1]) for u, h in zip(users, histories, strict=True)]
             llm = LLMTask(backend, builder, profiles, cfg.retrieval.num_candidates)
         private = private_store(rec, partition) if cfg.soft_prompt.personal_tokens else None
-        return ClientData(rec.item_vectors, histories, llm, private)
+        fed = cfg.federation
+        feedback = private_store(rec, partition, "feedback") if fed.compresses_uploads and fed.error_feedback else None
+        return ClientData(rec.item_vectors, histories, llm, private, feedback)
 
     return load
 
@@ -70,9 +73,9 @@ def _personal_tokens(rec: Recommender) -> Callable[[int], State] | None:
     return lambda partition: private_store(rec, partition).latest()
 
 
-def private_store(rec: Recommender, partition: int) -> PrivateStore:
+def private_store(rec: Recommender, partition: int, stem: str = "personal") -> PrivateStore:
     """Client `partition`'s folder for arrays that never leave it (on its own machine in a deployment)."""
-    return PrivateStore(run_dir(rec) / "clients" / f"{partition:05d}")
+    return PrivateStore(run_dir(rec) / "clients" / f"{partition:05d}", stem)
 
 
 def train(rec: Recommender, *, resume: bool = False, progress: bool = False, grid: Any = None) -> dict[str, Any]:
@@ -100,6 +103,7 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
         raise FedrecError(f"--resume: no checkpoint at {ckpt}; run without --resume to start")
     else:
         (folder / "run.json").unlink(missing_ok=True)  # a fresh start is not complete until it finishes
+        shutil.rmtree(folder / "clients", ignore_errors=True)  # client-side arrays of an earlier attempt must not leak in
         server = fresh
     payload = Payload()
     load = client_loader(rec, clients)
@@ -119,7 +123,7 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
             report["bytes_down"] = sum(r["bytes"] for r in rows if r["direction"] == "down")
             report["seconds"] = time.perf_counter() - round_started[0]
             state.history.append(report)
-            if best_round(state.history)[0] == state.round:
+            if kept_round(state.history, cfg) == state.round:
                 write_state(folder, state.state, state.round)
             checkpoint.save(state, ckpt)
             bar.update(task, completed=state.round, description=f"round {state.round}: valid R@10 {report['valid']['R@10']:.4f}")
@@ -148,7 +152,7 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
     if server.history and not any(h.get("accepted") for h in server.history):
         raise FedrecError(f"no client update was accepted in {len(server.history)} round(s), so nothing was learned: "
                           f"{_first_failure(server.history)}; fix the cause and rerun with --restart")
-    best, _ = best_round(server.history)
+    best = kept_round(server.history, cfg)
     if not (folder / "best.npz").is_file():
         raise FedrecError(f"no round reported a validation metric, so {folder} holds no best state; rerun `fedrec train`")
     run = export_run(rec, folder, clients=len(clients), index_clients=len(clients) <= MAX_EXPORTED_INDICES)

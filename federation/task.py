@@ -86,9 +86,11 @@ class PrivateStore:
     """
 
     folder: Path
+    stem: str = "personal"
+    """What the arrays are (file names `<stem>-r<round>.npz`): personal tokens, or the upload error carried over (`feedback`)."""
 
     def _files(self) -> dict[int, Path]:
-        found = (re.fullmatch(r"personal-r(\d+)\.npz", p.name) for p in self.folder.glob("personal-r*.npz"))
+        found = (re.fullmatch(rf"{self.stem}-r(\d+)\.npz", p.name) for p in self.folder.glob(f"{self.stem}-r*.npz"))
         return {int(m.group(1)): self.folder / m.group(0) for m in found if m}
 
     def load_before(self, round_: int) -> State:
@@ -106,10 +108,12 @@ class PrivateStore:
     def save(self, round_: int, arrays: State) -> None:
         from pipeline.io import atomic_path
 
-        with atomic_path(self.folder / f"personal-r{round_:05d}.npz") as tmp, open(tmp, "wb") as handle:
+        with atomic_path(self.folder / f"{self.stem}-r{round_:05d}.npz") as tmp, open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
-        for old in [r for r in self._files() if r < round_ - 1]:  # keep the one a repeated round needs
-            self._files()[old].unlink(missing_ok=True)
+        files = self._files()
+        earlier = [r for r in files if r < round_]
+        for old in [r for r in earlier if r < max(earlier)]:  # keep the newest earlier file: a repeated round reads it
+            files[old].unlink(missing_ok=True)
 
 
 @dataclass
@@ -122,6 +126,12 @@ class ClientData:
     llm: LLMTask | None = None
     private: PrivateStore | None = None
     """Where this client keeps its personal tokens (needed with soft_prompt.personal_tokens > 0)."""
+    feedback: PrivateStore | None = None
+    """Where this client keeps the error its compressed uploads dropped (with federation.error_feedback)."""
+
+    def touched_items(self) -> np.ndarray:
+        """The item ids in this client's histories (the item-table rows its data touches)."""
+        return np.unique(np.concatenate(self.histories)) if self.histories else np.zeros(0, np.int64)
 
 
 def local_train(global_state: State, data: ClientData, recipe: Recipe, *, seed: int, round_: int = 1,
@@ -144,6 +154,22 @@ def local_train(global_state: State, data: ClientData, recipe: Recipe, *, seed: 
             raise ValueError("soft_prompt.enabled is on but this client has no LLM task")
         local.update(_train_soft_prompt(global_state, tower, data, recipe, seed=seed, round_=round_, metrics=metrics))
     return subtract(local, global_state), int(metrics["examples"]), metrics
+
+
+def upload(delta: State, data: ClientData, cfg: FederationConfig, *, round_: int) -> State:
+    """What the client sends for `delta`: the delta itself, or its compressed form (`federation.compression`),
+    carrying what compression dropped over to the next round when `federation.error_feedback` is on."""
+    if not cfg.compresses_uploads:
+        return delta
+    from federation.compression import compress
+
+    store = data.feedback if cfg.error_feedback else None
+    if cfg.error_feedback and store is None:
+        raise ValueError("federation.error_feedback needs a client-side folder for the carried error (ClientData.feedback)")
+    sent, carried = compress(delta, cfg, touched=data.touched_items(), carried=store.load_before(round_) if store else None)
+    if store is not None:
+        store.save(round_, carried)
+    return sent
 
 
 def _train_soft_prompt(global_state: State, tower: RetrievalTower, data: ClientData, recipe: Recipe, *, seed: int,
@@ -257,6 +283,13 @@ def best_round(history: list[dict[str, Any]], metric: str = "R@10") -> tuple[int
         if value is not None and value > best[1]:
             best = (int(report["round"]), float(value))
     return best
+
+
+def kept_round(history: list[dict[str, Any]], cfg: FederationConfig) -> int:
+    """The round whose state the run keeps (`federation.select`): the best on validation, or the last."""
+    if cfg.select == "last":
+        return int(history[-1]["round"]) if history else 0
+    return best_round(history)[0]
 
 
 def keep_going(server: ServerState, cfg: FederationConfig) -> bool:

@@ -200,6 +200,11 @@ class FederationConfig(_Section):
     """Most federated rounds (training may stop earlier, see patience)."""
     clients_per_round: int | None = Field(default=None, ge=1)
     """Clients sampled each round (None = all)."""
+    sampling: Literal["fixed", "poisson"] = "fixed"
+    """How clients_per_round picks clients: exactly that many (fixed), or each client independently with probability
+    clients_per_round / clients (poisson, the sampling the DP accountant assumes; under DP the mean then divides by the expected count)."""
+    select: Literal["best", "last"] = "best"
+    """Which round's state the run keeps: the best on validation R@10, or the last (under DP, choosing by validation uses data ε does not cover)."""
     min_clients: int = Field(default=1, ge=1)
     """A round aggregates what arrived if at least this many valid updates did; otherwise the state is kept."""
     local_epochs: int = Field(default=1, ge=1, le=10_000)
@@ -238,6 +243,16 @@ class FederationConfig(_Section):
     """Adaptive clipping: the fraction of updates the norm should leave unclipped."""
     dp_clip_lr: float = Field(default=0.2, gt=0, le=10)
     """Adaptive clipping: learning rate of the geometric norm update."""
+    upload_rows: Literal["all", "touched"] = "all"
+    """Item-table rows a client uploads: all, or only those of items in its own histories (indices + values)."""
+    upload_rank: int | None = Field(default=None, ge=1, le=4096)
+    """Upload every matrix update as rank-r factors of its truncated SVD where that is smaller (CoLR-style); None = full."""
+    upload_bits: Literal[32, 16, 8] = 32
+    """Numbers in the tower's upload: 32 = fp32, 16 = bf16, 8 = int8 with an fp32 scale per row or column."""
+    soft_prompt_bits: Literal[32, 16, 8] = 32
+    """Numbers in the soft prompt and projector's upload (as upload_bits)."""
+    error_feedback: bool = True
+    """With a lossy upload, each client keeps what its upload dropped (in its own folder) and adds it to its next update."""
     secagg: bool = False
     """Aggregate with SecAgg+ (the server sees only the weighted mean; no per-update validation, robust rules or central DP)."""
     secagg_num_shares: int = Field(default=3, ge=2)
@@ -253,12 +268,17 @@ class FederationConfig(_Section):
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     """Seed for client sampling, local shuffling and DP noise."""
 
+    @property
+    def compresses_uploads(self) -> bool:
+        """Whether uploads are compressed (then lossy, and error feedback applies)."""
+        return self.upload_rows != "all" or self.upload_rank is not None or self.upload_bits != 32 or self.soft_prompt_bits != 32
+
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
         if self.dp_noise_multiplier > 0 and self.dp_clip is None:
             raise ValueError("federation.dp_noise_multiplier > 0 needs federation.dp_clip (the per-client L2 bound)")
         if self.secagg and (self.dp_clip is not None or self.strategy != "fedavg" or self.max_update_norm is not None
-                            or self.clients_per_round is not None):
+                            or self.clients_per_round is not None or self.sampling != "fixed"):
             raise ValueError(
                 "federation.secagg=true hides single updates from the server, so it cannot be combined with dp_clip, "
                 "max_update_norm, a strategy other than fedavg or client sampling; turn those off or set secagg=false"
@@ -266,6 +286,10 @@ class FederationConfig(_Section):
         if self.dp_clip is not None and self.strategy not in MEAN_STRATEGIES:
             raise ValueError(f"federation.dp_clip wraps a mean-based strategy (DP noise is calibrated to the mean); "
                              f"{self.strategy} is not one; use {', '.join(MEAN_STRATEGIES[:-1])} or {MEAN_STRATEGIES[-1]}")
+        if self.compresses_uploads and (self.secagg or (self.dp_clip is not None and self.dp_clip_on == "client")):
+            raise ValueError("compressed uploads (upload_rows / upload_rank / upload_bits / soft_prompt_bits) are decoded by the "
+                             "server, so they cannot be combined with secagg or dp_clip_on=client (whose clipping mod needs full "
+                             "arrays); keep the uploads at their defaults or clip on the server")
         if self.secagg_threshold > self.secagg_num_shares:
             raise ValueError(f"federation.secagg_threshold={self.secagg_threshold} exceeds secagg_num_shares={self.secagg_num_shares}")
         return self

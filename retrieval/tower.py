@@ -2,7 +2,8 @@
 over the recent history that produces the query.
 
 Item side: the PCA projection of the frozen item-text embeddings plus a learned residual (the
-foundation-model start), or a random-init ID table (`tower.item_init=id`, the ablation). Inputs
+foundation-model start), that projection alone (`tower.item_init=projection`: nothing per item is
+learned or sent), or a random-init ID table (`tower.item_init=id`, the ablation). Inputs
 are scaled by √dim, positions are learned, and the same item table scores the output (shared
 input/output embedding). Training is full-softmax cross-entropy over the catalogue at every
 position of local windows, with AdamW.
@@ -29,6 +30,8 @@ from retrieval.config import TowerConfig
 from retrieval.retriever import Candidate
 
 PREFIX = "tower/"
+ITEM_TABLE_KEYS = (f"{PREFIX}residual.weight", f"{PREFIX}items.weight")
+"""The per-item table (text residual or ID embeddings): the one array whose rows belong to items."""
 
 
 def text_basis(text_vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -85,7 +88,7 @@ class RetrievalTower(nn.Module):
     """Item embeddings and history encoder. Build with `create` (a fresh state) or `from_arrays` (a trained one).
 
     Args:
-        text_vectors: `(n_items, text_dim)` frozen item-text embeddings (read with `item_init=text`).
+        text_vectors: `(n_items, text_dim)` frozen item-text embeddings (read unless `item_init=id`).
         cfg: shape and recipe.
         seed: initialisation seed.
         basis: `(text_dim, dim)` starting projection (`text_basis`); None leaves the default init.
@@ -98,14 +101,16 @@ class RetrievalTower(nn.Module):
         n_items, text_dim = np.shape(text_vectors)
         self.cfg = cfg
         self.n_items = n_items
-        if cfg.item_init == "text":
+        if cfg.item_init in ("text", "projection"):
             self.register_buffer("text", torch.as_tensor(np.asarray(text_vectors, dtype=np.float32)), persistent=False)
             self.proj = nn.Linear(text_dim, cfg.dim, bias=False)
-            self.residual = nn.Embedding(n_items, cfg.dim)
             with torch.no_grad():
                 if basis is not None:
                     self.proj.weight.copy_(torch.as_tensor(basis).T)
-                self.residual.weight.zero_()
+            if cfg.item_init == "text":
+                self.residual = nn.Embedding(n_items, cfg.dim)
+                with torch.no_grad():
+                    self.residual.weight.zero_()
         else:
             self.items = nn.Embedding(n_items, cfg.dim)
             with torch.no_grad():
@@ -120,7 +125,7 @@ class RetrievalTower(nn.Module):
     @classmethod
     def create(cls, text_vectors: np.ndarray, cfg: TowerConfig, *, seed: int = 0) -> RetrievalTower:
         """A fresh tower (text side projected onto the item texts' principal directions)."""
-        basis = text_basis(text_vectors, cfg.dim) if cfg.item_init == "text" else None
+        basis = text_basis(text_vectors, cfg.dim) if cfg.item_init != "id" else None
         return cls(text_vectors, cfg, seed=seed, basis=basis)
 
     @classmethod
@@ -138,6 +143,8 @@ class RetrievalTower(nn.Module):
         """`(n_items, dim)` item vectors: the output table, and what the FAISS index holds."""
         if self.cfg.item_init == "text":
             return self.proj(self.text) + self.residual.weight
+        if self.cfg.item_init == "projection":
+            return self.proj(self.text)
         return self.items.weight
 
     def sequence_states(self, items: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
@@ -228,6 +235,10 @@ class RetrievalTower(nn.Module):
         missing = [k for k in params if f"{PREFIX}{k}" not in arrays]
         if missing:
             raise ValueError(f"tower state lacks {missing[:3]}: it was saved by a tower of another shape (tower.item_init / tower.layers?)")
+        extra = [k for k in arrays if k.startswith(PREFIX) and k[len(PREFIX):] not in params]
+        if extra:
+            raise ValueError(f"tower state has {extra[:3]}, which this tower lacks: it was saved by a tower of another shape "
+                             "(tower.item_init / tower.layers?)")
         for k, p in params.items():
             shape = tuple(np.shape(arrays[f"{PREFIX}{k}"]))
             if shape != tuple(p.shape):

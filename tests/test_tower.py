@@ -28,7 +28,7 @@ def _tower(n_items: int = 40, *, dim: int = 16, max_len: int = 10, layers: int =
 HISTORIES = [[3, 7, 1, 9, 2], list(range(10, 20)), [5], list(range(20, 35))]
 
 
-@pytest.mark.parametrize("item_init", ["text", "id"])
+@pytest.mark.parametrize("item_init", ["text", "projection", "id"])
 def test_training_mode_and_inference_agree_for_padded_and_unpadded_histories(item_init: str) -> None:
     tower = _tower(item_init=item_init)
     padded = tower.pad_histories(HISTORIES)
@@ -116,7 +116,7 @@ def test_loss_is_full_softmax_cross_entropy_at_every_target_position() -> None:
         assert torch.isclose(tower.loss(windows, targets), torch.stack(manual).mean(), atol=1e-5)
 
 
-@pytest.mark.parametrize("item_init", ["text", "id"])
+@pytest.mark.parametrize("item_init", ["text", "projection", "id"])
 def test_a_trivial_sequential_task_is_learned(item_init: str) -> None:
     """Item i is always followed by i+1 (mod n): the next item of any history is learned at R@1 >= 0.95."""
     n = 30
@@ -158,6 +158,10 @@ def test_state_round_trip_and_shape_errors() -> None:
         RetrievalTower.from_arrays(np.zeros((40, 24), np.float32), tower.cfg.model_copy(update={"dim": 8, "heads": 1}), arrays)
     with pytest.raises(ValueError, match="lacks"):
         RetrievalTower.from_arrays(np.zeros((40, 24), np.float32), tower.cfg.model_copy(update={"item_init": "id"}), arrays)
+    with pytest.raises(ValueError, match="which this tower lacks"):  # a text tower's residual must not be dropped silently
+        RetrievalTower.from_arrays(np.zeros((40, 24), np.float32), tower.cfg.model_copy(update={"item_init": "projection"}), arrays)
+    projection = _tower(item_init="projection").state_arrays()
+    assert not any(v.shape[0] == 40 for v in projection.values())  # nothing per item travels
 
 
 def test_config_rejects_heads_that_do_not_divide_dim() -> None:
