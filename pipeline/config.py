@@ -201,8 +201,7 @@ class FederationConfig(_Section):
     clients_per_round: int | None = Field(default=None, ge=1)
     """Clients sampled each round (None = all)."""
     sampling: Literal["fixed", "poisson"] = "fixed"
-    """How clients_per_round picks clients: exactly that many (fixed), or each client independently with probability
-    clients_per_round / clients (poisson, the sampling the DP accountant assumes; under DP the mean then divides by the expected count)."""
+    """How clients_per_round picks clients: exactly that many (fixed), or each independently with probability clients_per_round / clients (poisson: what the DP accountant assumes; under DP the noised sum is divided by the expected count)."""
     select: Literal["best", "last"] = "best"
     """Which round's state the run keeps: the best on validation R@10, or the last (under DP, choosing by validation uses data ε does not cover)."""
     min_clients: int = Field(default=1, ge=1)

@@ -23,8 +23,7 @@ class TowerConfig(BaseModel):
     dropout: float = Field(default=0.2, ge=0, lt=1)
     """Dropout on the input embeddings, attention weights and feed-forward outputs (training only)."""
     item_init: Literal["text", "projection", "id"] = "text"
-    """Item side: `text` = PCA projection of the frozen item-text embeddings + a learned residual; `projection` = that projection
-    alone (no per-item numbers travel: the FM variant); `id` = a random-init ID table (ablation)."""
+    """Item side: `text` = PCA projection of the frozen item-text embeddings + a learned residual; `projection` = that projection alone (nothing per item travels); `id` = a random-init ID table (ablation)."""
     lr: float = Field(default=1e-3, gt=0, le=1)
     """AdamW learning rate on the client (or centrally)."""
     weight_decay: float = Field(default=0.01, ge=0, le=10)
