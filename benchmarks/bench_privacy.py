@@ -26,7 +26,6 @@ import json
 import math
 import statistics
 import sys
-from pathlib import Path
 
 from common import REPO, data_dir, markdown_table, update_results
 
