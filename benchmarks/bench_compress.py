@@ -28,6 +28,7 @@ CODECS = {
     "fp32": [],
     "bf16": ["federation.upload_bits=16"],
     "int8": ["federation.upload_bits=8"],
+    "sign": ["federation.upload_bits=1"],
     "touched-int8": ["federation.upload_rows=touched", "federation.upload_bits=8"],
     "rank16-int8": ["federation.upload_rank=16", "federation.upload_bits=8"],
     "rank8-int8": ["federation.upload_rank=8", "federation.upload_bits=8"],
@@ -38,6 +39,7 @@ LABELS = {
     "fp32": "fp32 (uncompressed)",
     "bf16": "bf16",
     "int8": "int8 + error feedback",
+    "sign": "1-bit scaled sign + error feedback",
     "touched-int8": "touched item rows + int8 + error feedback",
     "rank16-int8": "rank-16 factors + int8 + error feedback",
     "rank8-int8": "rank-8 factors + int8 + error feedback",
@@ -106,7 +108,7 @@ def main() -> None:
     import os
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--codecs", nargs="+", choices=list(CODECS), default=["fp32", "int8", "touched-int8", "rank8-int8", "rank2-int8"])
+    parser.add_argument("--codecs", nargs="+", choices=list(CODECS), default=["fp32", "int8", "sign", "touched-int8", "rank8-int8", "rank2-int8"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when running codecs side by side)")
     parser.add_argument("--report", action="store_true", help="only rebuild the table and RESULTS.md from saved results")

@@ -6,9 +6,11 @@ Each array of the delta is sent in one structural form, then its numbers in one 
   (`key@rows` int32 indices + `key@values`, `federation.upload_rows=touched`); or a matrix as
   rank-r factors from its truncated SVD (`key@u` `(n, r)` and `key@v` `(r, d)`,
   `federation.upload_rank`, in the spirit of CoLR) when that is smaller;
-- numbers: fp32; bf16 (`…@bf16`, the top 16 bits, rounded to nearest even); or int8 with fp32
-  scales per row or column (`…@q8` + `…@scale`). `federation.upload_bits` picks the tower's,
-  `federation.soft_prompt_bits` the soft prompt and projector's.
+- numbers: fp32; bf16 (`…@bf16`, the top 16 bits, rounded to nearest even); int8 with fp32
+  scales per row or column (`…@q8` + `…@scale`); or one bit each, the scaled sign of 1-bit SGD
+  (`…@sign` packed bits + `…@scale`, the mean magnitude per row or column, + `…@shape`).
+  `federation.upload_bits` picks the tower's, `federation.soft_prompt_bits` the soft prompt and
+  projector's.
 
 With `federation.error_feedback`, what a client's upload dropped is kept on the client and added
 to its next delta, so the dropped part is delayed rather than lost. Encoded arrays are plain
@@ -27,7 +29,9 @@ from retrieval.tower import ITEM_TABLE_KEYS
 
 SEP = "@"
 STRUCTURES = ("rows", "values", "u", "v")
-NUMERIC = ("bf16", "q8", "scale")
+NUMERIC = ("bf16", "q8", "sign", "scale", "shape")
+MAX_NUMBERS = 1 << 30
+"""Most numbers one decoded array may hold (a declared shape beyond it is refused before any allocation)."""
 SOFT_PREFIX = "soft/"
 
 
@@ -54,14 +58,22 @@ def _scale_axis(shape: tuple[int, ...]) -> int | None:
     return 0 if shape[0] <= shape[1] else 1
 
 
+def _reduce(x: np.ndarray, fn) -> np.ndarray:  # noqa: ANN001 - np.max / np.mean
+    """`fn(|x|)` over each row (wide matrix), column (tall matrix) or the whole array, kept broadcastable."""
+    axis = _scale_axis(x.shape)
+    if not x.size:
+        return np.zeros((1,) * x.ndim if axis is None else tuple(n if a == axis else 1 for a, n in enumerate(x.shape)), np.float32)
+    return fn(np.abs(x), keepdims=True) if axis is None else fn(np.abs(x), axis=1 - axis, keepdims=True)
+
+
+def _scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    axis = _scale_axis(shape)
+    return (1,) * len(shape) if axis is None else tuple(n if a == axis else 1 for a, n in enumerate(shape))
+
+
 def to_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """fp32 → (int8 codes, fp32 scales) with `x ≈ codes · scales`; a scale is max|x| / 127 over its row, column or array."""
-    axis = _scale_axis(x.shape)
-    if axis is None:
-        peak = np.max(np.abs(x), keepdims=True) if x.size else np.zeros((1,) * x.ndim, np.float32)
-    else:
-        peak = np.max(np.abs(x), axis=1 - axis, keepdims=True)
-    scale = (peak / 127.0).astype(np.float32)
+    scale = (_reduce(x, np.max) / 127.0).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0)
     codes = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)
     return codes, scale
@@ -69,6 +81,17 @@ def to_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def from_int8(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return (codes.astype(np.float32) * scale).astype(np.float32)
+
+
+def to_sign(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 → (packed sign bits, fp32 scales) with `x ≈ ±scale`; a scale is mean|x| over its row, column or array."""
+    return np.packbits(np.ascontiguousarray(x).reshape(-1) >= 0), _reduce(x, np.mean).astype(np.float32)
+
+
+def from_sign(bits: np.ndarray, scale: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    count = int(np.prod(shape, dtype=np.int64))
+    signs = np.unpackbits(bits, count=count).reshape(shape).astype(np.float32) * 2 - 1
+    return (signs * scale).astype(np.float32)
 
 
 def low_rank(x: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,6 +106,9 @@ def _numeric(name: str, leaf: np.ndarray, bits: int) -> State:
     if bits == 8:
         codes, scale = to_int8(leaf)
         return {f"{name}{SEP}q8": codes, f"{name}{SEP}scale": scale}
+    if bits == 1:
+        signs, scale = to_sign(leaf)
+        return {f"{name}{SEP}sign": signs, f"{name}{SEP}scale": scale, f"{name}{SEP}shape": np.asarray(leaf.shape, np.int64).reshape(-1)}
     return {name: np.ascontiguousarray(leaf, dtype=np.float32)}
 
 
@@ -112,7 +138,7 @@ def encode(delta: State, cfg: FederationConfig, *, touched: np.ndarray | None = 
 
 def _take(sent: State, name: str, used: set[str]) -> np.ndarray | None:
     """The fp32 leaf `name` in whichever numeric form it was sent (None when absent)."""
-    forms = [n for n in (name, f"{name}{SEP}bf16", f"{name}{SEP}q8") if n in sent]
+    forms = [n for n in (name, f"{name}{SEP}bf16", f"{name}{SEP}q8", f"{name}{SEP}sign") if n in sent]
     if len(forms) > 1:
         raise CompressionError(f"{name}: sent in more than one form ({forms})")
     if not forms:
@@ -130,20 +156,38 @@ def _take(sent: State, name: str, used: set[str]) -> np.ndarray | None:
         return from_bf16(value)
     scale_name = f"{name}{SEP}scale"
     if scale_name not in sent:
-        raise CompressionError(f"{form}: int8 codes without their {scale_name}")
+        raise CompressionError(f"{form}: codes without their {scale_name}")
     used.add(scale_name)
     scale = np.asarray(sent[scale_name])
-    if value.dtype != np.int8:
-        raise CompressionError(f"{form}: dtype {value.dtype}, expected int8")
     if scale.dtype != np.float32:
         raise CompressionError(f"{scale_name}: dtype {scale.dtype}, expected float32")
-    axis = _scale_axis(value.shape)
-    want = (1,) * value.ndim if axis is None else tuple(n if a == axis else 1 for a, n in enumerate(value.shape))
-    if scale.shape != want:
-        raise CompressionError(f"{scale_name}: shape {scale.shape}, expected {want} for codes of shape {value.shape}")
     if not np.isfinite(scale).all() or (scale < 0).any():
         raise CompressionError(f"{scale_name}: scales must be finite and non-negative")
-    return from_int8(value, scale)
+    if form.endswith("q8"):
+        if value.dtype != np.int8:
+            raise CompressionError(f"{form}: dtype {value.dtype}, expected int8")
+        shape = value.shape
+    else:
+        shape = _declared_shape(sent, name, used)
+        if value.dtype != np.uint8 or value.shape != ((int(np.prod(shape, dtype=np.int64)) + 7) // 8,):
+            raise CompressionError(f"{form}: expected {(int(np.prod(shape, dtype=np.int64)) + 7) // 8} packed uint8 bytes for shape {shape}, "
+                                   f"got {value.dtype} {value.shape}")
+    if scale.shape != _scale_shape(shape):
+        raise CompressionError(f"{scale_name}: shape {scale.shape}, expected {_scale_shape(shape)} for an array of shape {shape}")
+    return from_int8(value, scale) if form.endswith("q8") else from_sign(value, scale, shape)
+
+
+def _declared_shape(sent: State, name: str, used: set[str]) -> tuple[int, ...]:
+    shape_name = f"{name}{SEP}shape"
+    if shape_name not in sent:
+        raise CompressionError(f"{name}{SEP}sign: sign bits without their {shape_name}")
+    used.add(shape_name)
+    declared = np.asarray(sent[shape_name])
+    if declared.dtype != np.int64 or declared.ndim != 1 or declared.size > 8 or (declared < 0).any():
+        raise CompressionError(f"{shape_name}: expected at most 8 non-negative int64 dimensions, got {declared.dtype} {declared.tolist()}")
+    if int(np.prod(declared.astype(object))) > MAX_NUMBERS:
+        raise CompressionError(f"{shape_name}: {declared.tolist()} holds more than {MAX_NUMBERS:,} numbers")
+    return tuple(int(n) for n in declared)
 
 
 def _expect(name: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -259,15 +259,16 @@ def train(
     table = Table(title=f"federated training: {results['clients']} clients, {results['rounds']} rounds ({results['engine']}), "
                         f"best round {results['best_round']}",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for column in ("round", "accepted", "rejected", "loss", "valid R@10", "valid N@10", "up KiB", "s", "ε"):
+    for column in ("round", "asked", "accepted", "rejected", "loss", "valid R@10", "valid N@10", "up KiB", "s", "ε"):
         table.add_column(column, justify="right")
     for h in results["history"]:
-        table.add_row(str(h["round"]), str(h["accepted"]), str(len(h["rejected"])), f"{h.get('train_loss', float('nan')):.3f}",
+        table.add_row(str(h["round"]), str(h["asked"]), str(h["accepted"]), str(len(h["rejected"]) + len(h.get("failed", []))), f"{h.get('train_loss', float('nan')):.3f}",
                       _number(h["valid"]["R@10"]), _number(h["valid"]["N@10"]), f"{h['bytes_up'] / 1024:,.0f}",
                       f"{h.get('seconds', 0):.1f}", f"{h['epsilon']:.2f}" if "epsilon" in h else "—")
     console.print(table)
     test = results["test"]
-    console.print(f"test (best round, through the client FAISS indices): R@10 {test['R@10']:.4f}  N@10 {test['N@10']:.4f}  "
+    kept = "best" if rec.cfg.federation.select == "best" else "last"
+    console.print(f"test ({kept} round {results['best_round']}, through the client FAISS indices): R@10 {test['R@10']:.4f}  N@10 {test['N@10']:.4f}  "
                   f"R@20 {test.get('R@20', float('nan')):.4f}  MRR {test['MRR']:.4f}")
     console.print(f"run folder: {run_dir(rec)} (serve it with `fedrec recommend|evaluate|serve --run …`)")
 

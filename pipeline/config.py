@@ -246,9 +246,9 @@ class FederationConfig(_Section):
     """Item-table rows a client uploads: all, or only those of items in its own histories (indices + values)."""
     upload_rank: int | None = Field(default=None, ge=1, le=4096)
     """Upload every matrix update as rank-r factors of its truncated SVD where that is smaller (CoLR-style); None = full."""
-    upload_bits: Literal[32, 16, 8] = 32
-    """Numbers in the tower's upload: 32 = fp32, 16 = bf16, 8 = int8 with an fp32 scale per row or column."""
-    soft_prompt_bits: Literal[32, 16, 8] = 32
+    upload_bits: Literal[32, 16, 8, 1] = 32
+    """Numbers in the tower's upload: 32 = fp32, 16 = bf16, 8 = int8 with an fp32 scale per row or column, 1 = the sign with one fp32 scale (mean magnitude) per row or column."""
+    soft_prompt_bits: Literal[32, 16, 8, 1] = 32
     """Numbers in the soft prompt and projector's upload (as upload_bits)."""
     error_feedback: bool = True
     """With a lossy upload, each client keeps what its upload dropped (in its own folder) and adds it to its next update."""

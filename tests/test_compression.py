@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from federation.compression import CompressionError, compress, decode, encode, from_bf16, to_bf16, to_int8
+from federation.compression import CompressionError, compress, decode, encode, from_bf16, to_bf16, to_int8, to_sign
 from federation.flower_apps import from_record, to_record
 from pipeline.config import FederationConfig, load_config
 from pipeline.recommender import Recommender
@@ -35,7 +35,8 @@ def _wire(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return from_record(array_record_from_proto(array_record_to_proto(to_record(arrays))))
 
 
-CODECS = [dict(upload_bits=16), dict(upload_bits=8), dict(upload_rank=2), dict(upload_rows="touched"),
+CODECS = [dict(upload_bits=16), dict(upload_bits=8), dict(upload_bits=1), dict(upload_rank=2), dict(upload_rows="touched"),
+          dict(upload_rows="touched", upload_bits=1, soft_prompt_bits=1),
           dict(upload_rank=2, upload_bits=8, upload_rows="touched", soft_prompt_bits=16), dict(soft_prompt_bits=8)]
 
 
@@ -60,6 +61,14 @@ def test_bf16_matches_torch_and_int8_is_within_half_a_step() -> None:
     step = np.max(np.abs(x), axis=0, keepdims=True) / 127
     assert np.all(np.abs(codes * scale - x) <= step / 2 + 1e-6)
     assert to_int8(x.T)[1].shape == (9, 1) and to_int8(x[0])[1].shape == (1,)
+
+
+def test_one_bit_is_the_sign_times_the_mean_magnitude() -> None:
+    x = np.random.default_rng(2).normal(size=(30, 7)).astype(np.float32)
+    out = decode(encode({ITEMS: x}, _fed(upload_bits=1)), {ITEMS: x})[ITEMS]
+    assert np.allclose(out, np.where(x >= 0, 1, -1) * np.abs(x).mean(axis=0, keepdims=True), atol=1e-7)
+    bits, _ = to_sign(x)
+    assert bits.dtype == np.uint8 and bits.nbytes == (30 * 7 + 7) // 8
 
 
 def test_low_rank_is_the_best_rank_r_approximation() -> None:
@@ -122,11 +131,22 @@ def _hostile(case: str) -> dict[str, np.ndarray]:
         sent["tower/norm.bias@q8"] = sent["tower/norm.bias@q8"].astype(np.float32)
     elif case == "float indices":
         sent[f"{ITEMS}@rows"] = sent[f"{ITEMS}@rows"].astype(np.float32)
+    elif case.startswith("sign"):
+        sent = encode(delta, _fed(upload_bits=1))
+        if case == "sign bits cut":
+            sent["tower/proj.weight@sign"] = sent["tower/proj.weight@sign"][:-1].copy()
+        elif case == "sign shape bomb":
+            sent["tower/proj.weight@shape"] = np.array([1 << 40, 1 << 40], np.int64)
+        elif case == "sign shape wrong":
+            sent["tower/proj.weight@shape"] = np.array([24, 8], np.int64)
+        elif case == "sign without shape":
+            del sent["tower/proj.weight@shape"]
     return _wire(sent)
 
 
 HOSTILE = ["wrong shape", "out-of-range index", "negative index", "duplicated index", "NaN scale", "negative scale", "codes without scale",
-           "two forms", "unknown encoding", "unknown array", "missing array", "float codes", "float indices"]
+           "two forms", "unknown encoding", "unknown array", "missing array", "float codes", "float indices",
+           "sign bits cut", "sign shape bomb", "sign shape wrong", "sign without shape"]
 
 
 @pytest.mark.parametrize("case", HOSTILE)

@@ -165,7 +165,7 @@ def test_fedrec_train_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
         main()
     out = capsys.readouterr().out
     assert done.value.code in (0, None), out
-    assert "federated training: 4 clients, 1 rounds (inprocess)" in out and "test (best round" in out
+    assert "federated training: 4 clients, 1 rounds (inprocess)" in out and "test (best round 1" in out
     monkeypatch.setattr(sys, "argv", [*args, "--engine", "deployment"])
     with pytest.raises(SystemExit) as done:
         main()
