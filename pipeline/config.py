@@ -285,6 +285,9 @@ class FederationConfig(_Section):
         if self.dp_clip is not None and self.strategy not in MEAN_STRATEGIES:
             raise ValueError(f"federation.dp_clip wraps a mean-based strategy (DP noise is calibrated to the mean); "
                              f"{self.strategy} is not one; use {', '.join(MEAN_STRATEGIES[:-1])} or {MEAN_STRATEGIES[-1]}")
+        if self.sampling == "poisson" and self.dp_clip is not None and self.strategy not in ("fedavg", "fedprox"):
+            raise ValueError(f"federation.sampling=poisson under DP divides the noised sum by the expected cohort, which is only "
+                             f"the mean for fedavg and fedprox, not {self.strategy}; use one of those or sampling=fixed")
         if self.compresses_uploads and (self.secagg or (self.dp_clip is not None and self.dp_clip_on == "client")):
             raise ValueError("compressed uploads (upload_rows / upload_rank / upload_bits / soft_prompt_bits) are decoded by the "
                              "server, so they cannot be combined with secagg or dp_clip_on=client (whose clipping mod needs full "

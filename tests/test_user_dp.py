@@ -90,6 +90,9 @@ def test_the_projection_item_side_sends_nothing_per_item_and_learns(tmp_path: Pa
     assert fm["history"][-1]["train_loss"] < fm["history"][0]["train_loss"] and fm["test"]["R@10"] > 0
 
 
-def test_secagg_refuses_poisson_sampling() -> None:
+def test_poisson_sampling_refuses_what_it_cannot_do() -> None:
     with pytest.raises(ValueError, match=r"secagg"):
         FederationConfig(secagg=True, sampling="poisson")
+    with pytest.raises(ValueError, match=r"only the mean for fedavg and fedprox, not fedadam"):
+        FederationConfig(sampling="poisson", dp_clip=1.0, strategy="fedadam")
+    FederationConfig(sampling="poisson", strategy="fedadam")  # without DP any strategy takes the replies as they come
