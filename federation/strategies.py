@@ -32,6 +32,28 @@ UNIT_KEY = "unit-weight"
 """Reply metric that is always 1: the weight under central DP."""
 
 
+class _TowardsQuantile:
+    """Andrew et al.'s geometric update, C ← C·exp(−η(b̄ − γ)) with b̄ the (noised) fraction of updates left *unclipped*.
+
+    Flower 1.42's adaptive wrappers feed the fraction that was clipped into that formula, so a norm
+    that clips most updates shrinks further and one that clips none grows: measured here, an initial
+    norm of 0.5 under update norms of about 4.6 fell to 0.075 in 18 rounds. This mixin passes
+    1 − (clipped fraction), which moves the norm towards the `target_clipped_quantile`-th quantile
+    of the update norms (`federation.dp_target_quantile` is the fraction left unclipped).
+    """
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        super()._geometric_update(1.0 - clipped_fraction)  # type: ignore[misc]
+
+
+class ServerSideAdaptiveClipping(_TowardsQuantile, fl.DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping, its norm moving towards the target quantile (see `_TowardsQuantile`)."""
+
+
+class ClientSideAdaptiveClipping(_TowardsQuantile, fl.DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive clipping, its norm moving towards the target quantile (see `_TowardsQuantile`)."""
+
+
 def make_strategy(cfg: FederationConfig, sampled: int) -> fl.Strategy:
     """The configured strategy, for rounds of `sampled` clients (all of them train; none evaluates)."""
     common: dict[str, Any] = {
@@ -61,7 +83,7 @@ def make_strategy(cfg: FederationConfig, sampled: int) -> fl.Strategy:
         return strategy
     client = cfg.dp_clip_on == "client"
     if cfg.dp_adaptive:
-        wrapper = fl.DifferentialPrivacyClientSideAdaptiveClipping if client else fl.DifferentialPrivacyServerSideAdaptiveClipping
+        wrapper = ClientSideAdaptiveClipping if client else ServerSideAdaptiveClipping
         try:
             return wrapper(strategy, cfg.dp_noise_multiplier, sampled, initial_clipping_norm=cfg.dp_clip,
                            target_clipped_quantile=cfg.dp_target_quantile, clip_norm_lr=cfg.dp_clip_lr)

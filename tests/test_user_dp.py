@@ -96,3 +96,37 @@ def test_poisson_sampling_refuses_what_it_cannot_do() -> None:
     with pytest.raises(ValueError, match=r"only the mean for fedavg and fedprox, not fedadam"):
         FederationConfig(sampling="poisson", dp_clip=1.0, strategy="fedadam")
     FederationConfig(sampling="poisson", strategy="fedadam")  # without DP any strategy takes the replies as they come
+
+
+def test_adaptive_clipping_moves_the_norm_towards_the_target_quantile() -> None:
+    """Andrew et al.: C ← C·exp(−η(b̄ − γ)), b̄ the fraction left unclipped. Flower 1.42 feeds the clipped fraction
+    (its own class drifts away from the quantile); ours settles at the γ-quantile of the update norms."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAvg
+
+    from federation.strategies import ServerSideAdaptiveClipping
+
+    norms = np.random.default_rng(0).lognormal(mean=1.5, sigma=0.3, size=500)  # median e^1.5 ≈ 4.48
+
+    def settle(cls, target: float) -> float:
+        wrapper = cls(FedAvg(), 0.0, 100, initial_clipping_norm=0.5, target_clipped_quantile=target, clip_norm_lr=0.2, clipped_count_stddev=0.0)
+        reference = 0.5
+        for _ in range(300):
+            clipped = float(np.mean(norms > wrapper.clipping_norm))
+            wrapper._geometric_update(clipped)  # what aggregate_train passes: the (noised) clipped fraction
+            reference *= np.exp(-0.2 * (np.mean(norms <= reference) - target))
+        if cls is ServerSideAdaptiveClipping:
+            assert wrapper.clipping_norm == pytest.approx(reference, rel=1e-9)
+        return wrapper.clipping_norm
+
+    for target in (0.5, 0.9):
+        assert settle(ServerSideAdaptiveClipping, target) == pytest.approx(np.quantile(norms, target), rel=0.1)
+    assert settle(DifferentialPrivacyServerSideAdaptiveClipping, 0.5) < norms.min() / 10  # the upstream direction: away
+
+
+def test_an_adaptive_norm_below_every_update_grows(tmp_path: Path) -> None:
+    from federation.runner import train
+
+    rec = _recommender(tmp_path, "federation.rounds=3", "federation.patience=null", "federation.dp_clip=0.001",
+                       "federation.dp_adaptive=true", "federation.dp_noise_multiplier=0.05")
+    norms = [h["dp_clipping_norm"] for h in train(rec)["history"]]
+    assert norms[0] > 0.001 and norms[0] < norms[1] < norms[2]
