@@ -44,11 +44,11 @@ def non_finite(arrays: State) -> list[str]:
     return [k for k, v in arrays.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
 
 
-def validate_update(update: State, reference: State, *, max_norm: float | None = None) -> str | None:
+def validate_update(update: State, reference: State, *, max_norm: float | None = None, norm: float | None = None) -> str | None:
     """Why `update` must be rejected, or None when it is acceptable.
 
     Checks: the same keys as the reference, the same shapes and dtypes, only finite values, and
-    (when given) an L2 norm of at most `max_norm`.
+    (when given) an L2 norm of at most `max_norm` (`norm`: the update's L2 norm, when the caller has it already).
     """
     missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
     if missing or extra:
@@ -62,7 +62,7 @@ def validate_update(update: State, reference: State, *, max_norm: float | None =
         if not np.isfinite(value).all():
             return f"{key}: contains NaN or infinite values"
     if max_norm is not None:
-        norm = l2_norm(update)
+        norm = l2_norm(update) if norm is None else norm
         if norm > max_norm:
             return f"L2 norm {norm:.4g} exceeds the bound {max_norm:.4g}"
     return None

@@ -237,9 +237,10 @@ def review_round(server: ServerState, results: list[ClientResult], cfg: Federati
         The round's report (accepted / rejected clients with reasons, mean loss; `applied` False when fewer than
         `min_clients` are valid) and the accepted results, which the strategy then aggregates.
     """
-    accepted, rejected = [], []
+    accepted, rejected, norms = [], [], {}
     for result in results:
-        reason = validate_update(result.delta, server.state, max_norm=cfg.max_update_norm)
+        norms[result.client] = l2_norm(result.delta)
+        reason = validate_update(result.delta, server.state, max_norm=cfg.max_update_norm, norm=norms[result.client])
         if reason is None and result.examples <= 0:
             reason = "reported no training examples"
         if reason:
@@ -256,7 +257,7 @@ def review_round(server: ServerState, results: list[ClientResult], cfg: Federati
                         server.round, capped["client"], capped["reported"], cfg.max_weight_ratio, bound)
         accepted = [replace(r, examples=min(r.examples, bound)) for r in accepted]
     if accepted:
-        report["update_norm_median"] = float(np.median([l2_norm(r.delta) for r in accepted]))
+        report["update_norm_median"] = float(np.median([norms[r.client] for r in accepted]))
     losses = [r.metrics.get("loss", float("nan")) for r in accepted]
     report["train_loss"] = float(np.nanmean(losses)) if losses else float("nan")
     if len(accepted) < cfg.min_clients:

@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictInt, ValidationError, model_validator
 
 from pipeline.config import FedrecConfig
-from pipeline.errors import FedrecError, show_ids
+from pipeline.errors import FedrecError, check_id
 from pipeline.io import check_writable, file_digest, prefix_digest, write_json
 from pipeline.llm.base import LLMError
 
@@ -44,21 +44,8 @@ _PREVIEW_CHARS = 500
 _MAX_MESSAGE_CHARS = 1000
 
 
-def _id(value: object) -> int | str:
-    # Strict on purpose: lax pydantic reads true as 1 and 2.0 as 2, which would name the wrong user or item.
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"must be an integer or a string, got {type(value).__name__} {show_ids([value])[1:-1]}")
-    if isinstance(value, str) and not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            # JSON may spell a lone surrogate ("\ud800"); echoed back, it could not be written as UTF-8.
-            raise ValueError(f"has a lone surrogate {value[exc.start]!r} at character {exc.start + 1}; ids must be valid Unicode") from None
-    return value
-
-
-Id = Annotated[int | str, PlainValidator(_id)]
-"""A user or item id as the dataset spells it: an integer or a string of any length."""
+Id = Annotated[int | str, PlainValidator(check_id, json_schema_input_type=int | str)]
+"""A user or item id as the dataset spells it (`pipeline.errors.check_id`)."""
 
 
 class RerankRow(BaseModel):

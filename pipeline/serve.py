@@ -22,9 +22,9 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictInt
 
-from pipeline.errors import DataError, FedrecError, RequestError
+from pipeline.errors import DataError, FedrecError, RequestError, check_id
 from pipeline.llm.base import LLMError
 from pipeline.recommender import Recommender
 
@@ -34,8 +34,8 @@ MAX_HISTORY = 500
 """Longest ad-hoc history a request may send."""
 MAX_BODY_BYTES = 256 * 1024
 """Largest request body accepted (a full 500-item history is about 25 KB); larger bodies get 413."""
-ItemId = Annotated[StrictInt | Annotated[StrictStr, StringConstraints(min_length=1, max_length=100_000)], Field(union_mode="left_to_right")]
-"""An item or user id as in the dataset: an integer or a non-empty string (never a bool or a float)."""
+ItemId = Annotated[int | str, PlainValidator(check_id, json_schema_input_type=int | str)]
+"""A user or item id as the dataset spells it: an integer or a non-empty string, never a bool or a float (`pipeline.errors.check_id`, as in batch rows)."""
 _REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
