@@ -65,6 +65,27 @@ def run(codec: str, seed: int, cache: Path) -> dict:
             "bytes_down": results["bytes_down_per_client_round"], "state_bytes": results["state_bytes"]}
 
 
+def soft_prompt_bytes(hidden: int = 576, tokens: int = 20, item_dim: int = 64) -> list[list[str]]:
+    """Upload bytes of the soft prompt and item-token projector (SmolLM2-135M width 576, 20 tokens, a 64-dim tower) per
+    `soft_prompt_bits`, with the largest round-trip error relative to the largest value of a typical update."""
+    import numpy as np
+
+    from federation.compression import decode, encode
+    from pipeline.config import FederationConfig
+    from pipeline.llm.softprompt import SoftPrompt
+
+    arrays = SoftPrompt(tokens, hidden, item_dim, seed=0).state_arrays()
+    rng = np.random.default_rng(0)
+    delta = {k: (rng.normal(scale=1e-3, size=v.shape)).astype(np.float32) for k, v in arrays.items()}
+    rows = []
+    for bits, name in ((32, "fp32"), (16, "bf16"), (8, "int8"), (1, "1-bit sign")):
+        sent = encode(delta, FederationConfig(soft_prompt_bits=bits))
+        back = decode(sent, delta)
+        error = max(float(np.max(np.abs(back[k] - delta[k])) / np.max(np.abs(delta[k]))) for k in delta)
+        rows.append([name, f"{sum(v.nbytes for v in sent.values()):,}", f"{error:.2g}"])
+    return rows
+
+
 def _mean_sd(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
@@ -100,6 +121,10 @@ def report() -> None:
         "averaged over the seeds both have. Bytes are the arrays a client sends (the encoded upload) or receives (the global state, "
         "fp32), per client per round, without Flower's message framing. Low-rank factors come from each delta's truncated SVD; int8 "
         "has one fp32 scale per row or column; error feedback keeps what an upload dropped on the client for its next round.\n\n" + table
+        + "\n\nSoft prompt and item-token projector (`federation.soft_prompt_bits`; SmolLM2-135M width 576, 20 virtual tokens, "
+        "64-dim tower): bytes per upload and the largest round-trip error of a Gaussian update relative to its largest value "
+        "(computed by the script; their effect on reranking accuracy was not measured here).\n\n"
+        + markdown_table(["soft prompt upload", "bytes", "max relative error"], soft_prompt_bytes())
     )
     print(table)
     commands = "`; `".join(dict.fromkeys((OUT / "commands.txt").read_text().split("\n"))).strip("`; ") if (OUT / "commands.txt").is_file() else "?"
