@@ -34,6 +34,7 @@ CODECS = {
     "rank16-int8": ["federation.upload_rank=16", "federation.upload_bits=8"],
     "rank8-int8": ["federation.upload_rank=8", "federation.upload_bits=8"],
     "rank2-int8": ["federation.upload_rank=2", "federation.upload_bits=8"],
+    "rank16-sign": ["federation.upload_rank=16", "federation.upload_bits=1"],
     "rank8-int8-noef": ["federation.upload_rank=8", "federation.upload_bits=8", "federation.error_feedback=false"],
 }
 LABELS = {
@@ -46,6 +47,7 @@ LABELS = {
     "rank16-int8": "rank-16 factors + int8 + error feedback",
     "rank8-int8": "rank-8 factors + int8 + error feedback",
     "rank2-int8": "rank-2 factors + int8 + error feedback",
+    "rank16-sign": "rank-16 factors + 1-bit sign + error feedback",
     "rank8-int8-noef": "rank-8 factors + int8, no error feedback",
 }
 KEYS = ["R@10", "N@10", "R@20", "MRR"]
