@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -79,7 +79,24 @@ def make_client_app(load: ClientLoader, mods: list | None = None) -> ClientApp:
         })
         return Message(reply, reply_to=msg)
 
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:  # which partition this node holds (see `partition_order`)
+        return Message(RecordDict({"metrics": MetricRecord({"partition-id": int(context.node_config["partition-id"])})}), reply_to=msg)
+
     return app
+
+
+def partition_order(grid: Grid, nodes: list[int], timeout: float) -> list[int]:
+    """`nodes` in the order of the partitions they hold (asked once), so that seeded sampling picks the same partitions in
+    every engine (node ids are random in the Simulation and Deployment Engines); nodes that do not say come last."""
+    messages = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY, group_id="partitions") for node in nodes]
+    held: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        try:
+            held[reply.metadata.src_node_id] = int(reply.content["metrics"]["partition-id"])
+        except (KeyError, TypeError, ValueError, AttributeError):  # an error reply or a malformed one: order it last
+            log.warning("node %s did not say which partition it holds", reply.metadata.src_node_id)
+    return sorted(nodes, key=lambda node: (held.get(node, len(nodes)), node))
 
 
 def wait_for_nodes(grid: Grid, n: int, timeout: float = 300.0) -> list[int]:
@@ -104,7 +121,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower logs every sampling and aggregation at INFO
-        nodes = wait_for_nodes(grid, n_clients)
+        nodes = partition_order(grid, wait_for_nodes(grid, n_clients), reply_timeout)
         sampled = min(cfg.clients_per_round or len(nodes), len(nodes))
         rate = sampled / len(nodes)  # Poisson sampling: each node's chance per round
         strategy = make_strategy(cfg, sampled)

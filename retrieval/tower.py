@@ -102,7 +102,9 @@ class RetrievalTower(nn.Module):
         self.cfg = cfg
         self.n_items = n_items
         if cfg.item_init in ("text", "projection"):
-            self.register_buffer("text", torch.as_tensor(np.asarray(text_vectors, dtype=np.float32)), persistent=False)
+            vectors = np.asarray(text_vectors, dtype=np.float32)
+            vectors = vectors if vectors.flags.writeable else vectors.copy()  # read-only under Ray's object store
+            self.register_buffer("text", torch.as_tensor(vectors), persistent=False)
             self.proj = nn.Linear(text_dim, cfg.dim, bias=False)
             with torch.no_grad():
                 if basis is not None:
