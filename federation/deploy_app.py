@@ -14,7 +14,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from federation.flower_apps import make_client_app
+from federation.flower_apps import make_client_app, partition_reply
 
 
 @lru_cache(maxsize=4)
@@ -61,4 +61,5 @@ def make_deployment_client_app() -> ClientApp:
                                               client_mods(rec.cfg.federation))
         return inner[settings](msg, context)
 
+    app.query()(partition_reply)
     return app

@@ -79,11 +79,13 @@ def make_client_app(load: ClientLoader, mods: list | None = None) -> ClientApp:
         })
         return Message(reply, reply_to=msg)
 
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:  # which partition this node holds (see `partition_order`)
-        return Message(RecordDict({"metrics": MetricRecord({"partition-id": int(context.node_config["partition-id"])})}), reply_to=msg)
-
+    app.query()(partition_reply)
     return app
+
+
+def partition_reply(msg: Message, context: Context) -> Message:
+    """A ClientApp's answer to the server's query: which partition this node holds (see `partition_order`)."""
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": int(context.node_config["partition-id"])})}), reply_to=msg)
 
 
 def partition_order(grid: Grid, nodes: list[int], timeout: float) -> list[int]:
