@@ -59,7 +59,7 @@ def measure(engine: str, rounds: int) -> dict:
     results = train(rec, resume=False)
     wall = time.perf_counter() - started
     stop.set()
-    return {"engine": engine, "clients": results["clients"], "rounds": results["rounds"], "wall_s": wall,
+    return {"engine": engine, "load_average": os.getloadavg()[0], "clients": results["clients"], "rounds": results["rounds"], "wall_s": wall,
             "round_s": statistics.median(h["seconds"] for h in results["history"]), "peak_gib": peak[0] / 1024**3,
             "valid": [h["valid"]["R@10"] for h in results["history"]], "accepted": [h["accepted"] for h in results["history"]]}
 
@@ -76,7 +76,9 @@ def report() -> None:
                             "peak GiB (process tree)", "same validation R@10 every round", "updates accepted per round"], rows)
     body = ("ml-latest-small, one user per client, 61 of 610 clients per round (seeded), 5 local steps each, FedAvg, the full tower "
             "(dim 64, 2 blocks); each engine in its own process, run one after the other in one invocation. The Simulation Engine "
-            "runs Ray with 2 CPUs (one ClientApp per CPU at a time).\n\n" + table)
+            "runs Ray with 2 CPUs (one ClientApp per CPU at a time). Both engines ran with the same other load on the machine "
+            "(1-minute load average at the end: " + ", ".join(f"{e} {r['load_average']:.1f}" if "load_average" in r else f"{e} not recorded"
+                                                               for e, r in runs.items()) + "), so the ratio is the comparable figure.\n\n" + table)
     print(table)
     update_results("bench:simulation", "Simulation Engine with 610 SuperNodes (ml-latest-small)",
                    f"python benchmarks/bench_simulation.py --rounds {base['rounds']}", body)
