@@ -108,19 +108,19 @@ def report() -> None:
             continue
         runs = saved[codec]
         paired = [s for s in runs if s in base]
-        loss = [1 - runs[s]["test"]["R@10"] / base[s]["test"]["R@10"] for s in paired]
+        change = [runs[s]["test"]["R@10"] / base[s]["test"]["R@10"] - 1 for s in paired]
         rows.append([LABELS[codec], ", ".join(map(str, sorted(runs))), f"{statistics.median(r['bytes_up'] for r in runs.values()) / 1024:,.1f}",
                      f"{statistics.median(base[s]['bytes_up'] / runs[s]['bytes_up'] for s in paired):.1f}×" if paired else "—",
                      f"{statistics.median(r['bytes_down'] for r in runs.values()) / 1024:,.1f}",
                      *(_mean_sd([r["test"][k] for r in runs.values()]) for k in KEYS),
-                     f"{statistics.mean(loss):+.1%}" if codec != "fp32" and loss else "—",
+                     f"{statistics.mean(change):+.1%}" if codec != "fp32" and change else "—",
                      f"{statistics.median(r['best'] for r in runs.values()):.0f}", f"{statistics.median(r['seconds'] for r in runs.values()):.0f}"])
     table = markdown_table(["upload", "seeds", "KiB up per client per round", "smaller by", "KiB down", *[f"test {k}" for k in KEYS],
-                            "R@10 loss vs fp32 (same seeds)", "best round", "s total"], rows)
+                            "R@10 change vs fp32 (same seeds)", "best round", "s total"], rows)
     body = (
         "Protocol: as `bench:tower` \"federated, 10 IID groups\" (ml-latest-small, full ranking over 3,650 items, all 610 test users, "
-        "best round on validation R@10, patience 15), the same seeds for every codec; the loss is 1 − R@10(codec) / R@10(fp32) "
-        "averaged over the seeds both have. Bytes are the arrays a client sends (the encoded upload) or receives (the global state, "
+        "best round on validation R@10, patience 15), the same seeds for every codec; the change is R@10(codec) / R@10(fp32) − 1 "
+        "averaged over the seeds both have (negative = a loss). Bytes are the arrays a client sends (the encoded upload) or receives (the global state, "
         "fp32), per client per round, without Flower's message framing. Low-rank factors come from each delta's truncated SVD; int8 "
         "has one fp32 scale per row or column; error feedback keeps what an upload dropped on the client for its next round.\n\n" + table
         + "\n\nSoft prompt and item-token projector (`federation.soft_prompt_bits`; SmolLM2-135M width 576, 20 virtual tokens, "
