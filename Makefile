@@ -48,6 +48,11 @@ bench: setup
 	$(PY) benchmarks/bench_tower.py --experiments central iid noniid iid-id --seeds 0 1 2
 	$(PY) benchmarks/bench_tower.py --experiments device --seeds 0
 	$(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/bench_scale.py --clients 10 100 610 10000 --rounds 1
+	$(PY) benchmarks/bench_compress.py --codecs fp32 sign --seeds 0 1 2
+	$(PY) benchmarks/bench_compress.py --codecs int8 touched-int8 rank8-int8 rank2-int8 --seeds 0
+	$(PY) benchmarks/bench_privacy.py --epsilons 1 2 4 8 16 inf --items text projection --cohort 61 --rounds 30
+	$(PY) benchmarks/bench_simulation.py --rounds 2
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache
