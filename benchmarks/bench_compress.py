@@ -19,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import REPO, data_dir, markdown_table, update_results
+from common import REPO, data_dir, log_command, logged_commands, markdown_table, mean_sd, update_results
 
 OUT = REPO / "runs" / "bench-compress"
 FED = ["partition.scheme=group", "partition.num_clients=10", "partition.split=random", "federation.rounds=200",
@@ -88,11 +88,6 @@ def soft_prompt_bytes(hidden: int = 576, tokens: int = 20, item_dim: int = 64) -
     return rows
 
 
-def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
 
 def report() -> None:
     saved: dict[str, dict[int, dict]] = {}
@@ -112,7 +107,7 @@ def report() -> None:
         rows.append([LABELS[codec], ", ".join(map(str, sorted(runs))), f"{statistics.median(r['bytes_up'] for r in runs.values()) / 1024:,.1f}",
                      f"{statistics.median(base[s]['bytes_up'] / runs[s]['bytes_up'] for s in paired):.1f}×" if paired else "—",
                      f"{statistics.median(r['bytes_down'] for r in runs.values()) / 1024:,.1f}",
-                     *(_mean_sd([r["test"][k] for r in runs.values()]) for k in KEYS),
+                     *(mean_sd([r["test"][k] for r in runs.values()]) for k in KEYS),
                      f"{statistics.mean(change):+.1%}" if codec != "fp32" and change else "—",
                      f"{statistics.median(r['best'] for r in runs.values()):.0f}", f"{statistics.median(r['seconds'] for r in runs.values()):.0f}"])
     table = markdown_table(["upload", "seeds", "KiB up per client per round", "smaller by", "KiB down", *[f"test {k}" for k in KEYS],
@@ -129,7 +124,7 @@ def report() -> None:
         + markdown_table(["soft prompt upload", "bytes", "max relative error"], soft_prompt_bytes())
     )
     print(table)
-    commands = "`; `".join(dict.fromkeys((OUT / "commands.txt").read_text().split("\n"))).strip("`; ") if (OUT / "commands.txt").is_file() else "?"
+    commands = logged_commands(OUT)
     update_results("bench:compress", "Compressed uploads (ml-latest-small, 10 IID groups)", commands, body)
 
 
@@ -147,9 +142,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("FEDREC_DATA_DIR", str(data_dir()))
     if not args.report:
-        OUT.mkdir(parents=True, exist_ok=True)
-        with (OUT / "commands.txt").open("a") as handle:
-            handle.write("python benchmarks/bench_compress.py " + " ".join(sys.argv[1:]) + "\n")
+        log_command(OUT, "bench_compress.py", sys.argv[1:])
         for codec in args.codecs:
             for seed in args.seeds:
                 result = run(codec, seed, REPO / ".cache")

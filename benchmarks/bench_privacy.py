@@ -27,7 +27,7 @@ import math
 import statistics
 import sys
 
-from common import REPO, data_dir, markdown_table, update_results
+from common import REPO, data_dir, log_command, logged_commands, markdown_table, mean_sd, update_results
 
 OUT = REPO / "runs" / "bench-privacy"
 PLOT = REPO / "benchmarks" / "privacy_utility.png"
@@ -96,11 +96,6 @@ def untrained(items: str) -> float:
     return float(json.loads(path.read_text())["R@10"])
 
 
-def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
 
 def report() -> None:
     saved: dict[tuple[str, float], list[dict]] = {}
@@ -126,7 +121,7 @@ def report() -> None:
             rows.append([labels[items], "∞" if math.isinf(eps) else f"{eps:g}",
                          "—" if noise is None else f"{noise:.3f}",
                          "—" if math.isinf(points[0]["epsilon"]) else f"{statistics.median(p['epsilon'] for p in points):.3f}",
-                         len(points), _mean_sd(r10), _mean_sd([p["test"]["N@10"] for p in points]), share,
+                         len(points), mean_sd(r10), mean_sd([p["test"]["N@10"] for p in points]), share,
                          f"{statistics.mean(r10) / reference:.0%}" if reference else "—",
                          f"{statistics.median(p['clients_per_round'] for p in points):.1f}",
                          f"{statistics.median(p['bytes_up'] for p in points) / 1024:,.0f}", f"{statistics.median(p['seconds'] for p in points):.0f}"])
@@ -151,7 +146,7 @@ def report() -> None:
     )
     print(table)
     print("; ".join(smallest))
-    commands = "`; `".join(dict.fromkeys((OUT / "commands.txt").read_text().split("\n"))).strip("`; ") if (OUT / "commands.txt").is_file() else "?"
+    commands = logged_commands(OUT)
     update_results("bench:privacy", "User-level DP: privacy–utility (ml-latest-small, cross-device)", commands, body)
 
 
@@ -198,9 +193,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("FEDREC_DATA_DIR", str(data_dir()))
     if not args.report:
-        OUT.mkdir(parents=True, exist_ok=True)
-        with (OUT / "commands.txt").open("a") as handle:
-            handle.write("python benchmarks/bench_privacy.py " + " ".join(sys.argv[1:]) + "\n")
+        log_command(OUT, "bench_privacy.py", sys.argv[1:])
         for items in args.items:
             for epsilon in args.epsilons:
                 for seed in args.seeds:

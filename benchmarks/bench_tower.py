@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, data_dir, markdown_table, update_results
+from common import REPO, data_dir, log_command, logged_commands, markdown_table, mean_sd, update_results
 
 OUT = REPO / "runs" / "bench-tower"
 # Small local batches and a higher client lr: a client of 61 users holds ~90 windows of 200, so batch 64 gives it
@@ -116,11 +116,6 @@ def run_federated(experiment: str, seed: int, cache: Path) -> dict:
     return out
 
 
-def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
 
 def report() -> None:
     saved: dict[str, list[dict]] = {}
@@ -138,7 +133,7 @@ def report() -> None:
         r10 = [r["slices"]["all"]["R@10"] for r in runs]
         ratio = f"{statistics.mean(r10) / central:.0%}" if central and name != "central" else "—"
         unit = "epoch" if name == "central" else "round"
-        rows.append([LABELS[name], len(runs), *(_mean_sd([r["slices"]["all"][k] for r in runs]) for k in KEYS), ratio,
+        rows.append([LABELS[name], len(runs), *(mean_sd([r["slices"]["all"][k] for r in runs]) for k in KEYS), ratio,
                      f"{statistics.median(r['best'] for r in runs):.0f} ({unit})", f"{statistics.median(r['seconds_to_best'] for r in runs):.0f}",
                      f"{statistics.median(r['seconds'] for r in runs):.0f}",
                      f"{statistics.median(r['client_updates_per_s'] for r in runs):.1f}" if "client_updates_per_s" in runs[0] else "—"])
@@ -149,7 +144,7 @@ def report() -> None:
         for part in ("all", "short", "rare"):
             if name in saved:
                 runs = saved[name]
-                slice_rows.append([LABELS[name], part, runs[0]["slices"][part]["users"], *(_mean_sd([r["slices"][part][k] for r in runs]) for k in ("R@10", "N@10"))])
+                slice_rows.append([LABELS[name], part, runs[0]["slices"][part]["users"], *(mean_sd([r["slices"][part][k] for r in runs]) for k in ("R@10", "N@10"))])
     body = (
         "Protocol: ml-latest-small, 5-core, leave-one-out by (timestamp, item id), full ranking over all 3,650 items with the "
         "user's history excluded, all 610 test users; mean ± sd over seeds (each seed changes the init, the client split and "
@@ -163,7 +158,7 @@ def report() -> None:
     )
     print(main)
     print(markdown_table(["tower", "slice", "users", "R@10", "N@10"], slice_rows))
-    commands = "`; `".join(dict.fromkeys((OUT / "commands.txt").read_text().split("\n"))).strip("`; ") if (OUT / "commands.txt").is_file() else "?"
+    commands = logged_commands(OUT)
     update_results("bench:tower", "Retrieval tower: centralized and federated (ml-latest-small)", commands, body)
 
 
@@ -181,11 +176,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("FEDREC_DATA_DIR", str(data_dir()))
-    command = "python benchmarks/bench_tower.py " + " ".join(sys.argv[1:])
     if not args.report:
-        OUT.mkdir(parents=True, exist_ok=True)
-        with (OUT / "commands.txt").open("a") as handle:
-            handle.write(command + "\n")
+        log_command(OUT, "bench_tower.py", sys.argv[1:])
         cache = REPO / ".cache"
         for experiment in args.experiments:
             for seed in args.seeds:

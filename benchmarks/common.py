@@ -110,3 +110,24 @@ def vllm_server(model: str, port: int, *extra: str) -> Iterator[str | None]:
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def mean_sd(values: list[float]) -> str:
+    """`mean ± sd` over seeds to 4 decimals (the value alone for one seed)."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def log_command(out: Path, script: str, argv: list[str]) -> None:
+    """Append the command that is about to produce results under `out` (its `--report` lists them all)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "commands.txt").open("a") as handle:
+        handle.write(f"python benchmarks/{script} " + " ".join(argv) + "\n")
+
+
+def logged_commands(out: Path) -> str:
+    """The distinct commands `log_command` recorded under `out`, for a RESULTS.md section ("?" when none)."""
+    path = out / "commands.txt"
+    return "`; `".join(dict.fromkeys(path.read_text().split("\n"))).strip("`; ") if path.is_file() else "?"
+
