@@ -62,7 +62,7 @@ def _reduce(x: np.ndarray, fn) -> np.ndarray:  # noqa: ANN001 - np.max / np.mean
     """`fn(|x|)` over each row (wide matrix), column (tall matrix) or the whole array, kept broadcastable."""
     axis = _scale_axis(x.shape)
     if not x.size:
-        return np.zeros((1,) * x.ndim if axis is None else tuple(n if a == axis else 1 for a, n in enumerate(x.shape)), np.float32)
+        return np.zeros(_scale_shape(x.shape), np.float32)
     return fn(np.abs(x), keepdims=True) if axis is None else fn(np.abs(x), axis=1 - axis, keepdims=True)
 
 
