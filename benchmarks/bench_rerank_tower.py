@@ -1,15 +1,29 @@
-"""The LLM reranker retrained on a trained tower run's candidates (ml-latest-small, all users).
+"""The LLM reranker over a trained tower's candidates: does it lift the tower? (ml-latest-small, all users)
 
-The run (a `fedrec train` folder, e.g. one of bench_tower's federated runs) supplies the tower and
-each client's FAISS index. A soft prompt and the item-token projector (`rerank.v2`: one projected
-tower item embedding after each candidate's title) are trained through the frozen SmolLM2-135M on
-`--train-users` users: history minus its last training item → the served top-20 → that item
-(inserted at a random slot when missed, LlamaRec-style). Then every user's validation and test
-candidates are reranked; the fusion weight with the tower score is chosen on validation from a grid
-that includes 0 (the tower order), so the fused row is never below the tower on validation.
+Each `--run` is a `fedrec train` folder (bench_tower's federated runs, one per seed): it supplies the
+tower, its query vectors and each client's FAISS index, so every row reranks the same served top-20.
+Rows (`--variants`):
 
-Usage: python benchmarks/bench_rerank_tower.py --run runs/bench-tower/runs/train-ml-latest-small-<hash>
-       [--train-users 300] [--epochs 1] [--seed 0]
+- `tower`: the tower's order;
+- `zero-shot`: the compact text prompt (`rerank.v4` without embedding slots), no training;
+- `text`: a trained soft prompt, text only;
+- `items`: + one projected tower item vector per candidate;
+- `user`: + one projected tower query vector for the user (the product's default).
+
+The trained rows train the soft prompt and projectors centrally through the frozen SmolLM2-135M on
+`--train-users` users, `--positions` examples each (the history before each of its last training
+items → the tower's top 20 for it → that item, inserted at a random slot when missed). The
+validation split of examples is the valid target of `--valid-users` other users; the epoch with the
+lowest validation loss is kept. Every user's validation and test candidates are then reranked; the
+fusion weight with the tower score is chosen on validation from a grid that includes 0 (the tower
+order), so a fused row is never below the tower on validation. Slices: users with ≤ 20 training
+items, and test targets among the 20% least-seen training items.
+
+Results go to runs/bench-rerank-tower/<variant>-seed<k>.json (several processes may run side by
+side, one thread each); `--report` rebuilds the table and the RESULTS.md section from them.
+
+Usage: python benchmarks/bench_rerank_tower.py --runs <run folder> [...] --seeds 0 [...] --variants user items
+       [--train-users 300] [--positions 2] [--epochs 2] [--valid-users 100] [--threads 1] [--report]
 """
 
 from __future__ import annotations
@@ -17,96 +31,220 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, data_dir, markdown_table, update_results
+from common import REPO, data_dir, log_command, logged_commands, markdown_table, mean_sd, update_results
+
+OUT = REPO / "runs" / "bench-rerank-tower"
+VARIANTS = {"tower": "tower order (FAISS top-20)", "zero-shot": "zero-shot text prompt", "text": "trained text soft prompt",
+            "items": "+ item tokens", "user": "+ user token"}
+KEYS = ("R@10", "N@10", "MRR")
+
+
+def _recommender(run: Path):
+    from pipeline.config import load_config
+    from pipeline.recommender import Recommender
+
+    sections = json.loads((run / "run.json").read_text())["fingerprint"]["sections"]
+    overrides = [f"cache_dir={REPO / '.cache'}", "llm.dtype=bfloat16", "eval.splits=[valid,test]",
+                 *(f"tower.{k}={v}" for k, v in sections["tower"].items()),
+                 *(f"partition.{k}={v}" for k, v in sections["partition"].items())]
+    return Recommender.from_config(load_config(REPO / "configs" / "ml-latest-small.yaml", overrides), run=run)
+
+
+def _train(rec, variant: str, args, seed: int):
+    """The trained module, its prompt builder and the training record."""
+    import torch
+
+    from pipeline.llm.softprompt import SoftPrompt, position_examples, train_soft_prompt
+    from pipeline.rerank import trained_prompt_builder
+
+    run, backend, n = rec.trained, rec.backend, rec.cfg.retrieval.num_candidates
+    builder = trained_prompt_builder(backend, rec.dataset.catalog, rec.cfg.rerank, rec.cfg.soft_prompt, user_token=variant == "user")
+    if variant == "text":
+        builder.item_tokens = False
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(rec.dataset.n_users)
+    train_users, valid_users = order[: args.train_users], order[args.train_users : args.train_users + args.valid_users]
+    train = rec.split.train()
+
+    def profile_of(users):
+        return lambda i, p: rec.text_profile(train[users[i]][:p], rec.dataset.ratings[users[i]][:p])
+
+    examples = position_examples(builder, run.tower, [train[u] for u in train_users], profile_of(train_users),
+                                 positions=args.positions, n=n, seed=seed)
+    # Validation examples: the whole training history → the validation item, for users not trained on.
+    valid_histories = [np.append(train[u], rec.split.targets("valid")[u]) for u in valid_users]
+    valid = position_examples(builder, run.tower, valid_histories, profile_of(valid_users), positions=1, n=n, seed=seed)
+    module = SoftPrompt(rec.cfg.soft_prompt.tokens, backend.hidden_size, run.item_embeddings.shape[1], seed=seed, user_token=variant == "user")
+    start, last = time.perf_counter(), [0.0]
+
+    def progress(step: int, steps: int) -> None:
+        if time.perf_counter() - last[0] > 60 or step == steps:
+            last[0] = time.perf_counter()
+            print(f"  {variant} seed {seed}: step {step}/{steps} ({(last[0] - start) / 60:.1f} min)", flush=True)
+
+    stats = train_soft_prompt(module, backend, examples, torch.as_tensor(run.item_embeddings), builder.labels(n), epochs=args.epochs,
+                              batch_size=rec.cfg.soft_prompt.batch_size, lr=rec.cfg.soft_prompt.lr, seed=seed, valid=valid,
+                              progress=progress)
+    stats.update(minutes=(time.perf_counter() - start) / 60, valid_examples=len(valid), train_users=len(train_users))
+    return module, builder, stats
+
+
+def _reranker(rec, variant: str, args, seed: int):
+    from pipeline.rerank import PromptBuilder, VerbalizerReranker
+    from pipeline.trained import trained_reranker
+
+    if variant == "zero-shot":
+        cfg = rec.cfg.rerank.model_copy(update={"template": rec.cfg.soft_prompt.template, "max_title_tokens": rec.cfg.soft_prompt.max_title_tokens,
+                                                "max_history_titles": rec.cfg.soft_prompt.max_history_titles})
+        return VerbalizerReranker(rec.backend, PromptBuilder(rec.backend, rec.dataset.catalog, cfg), fusion_weight=1.0), {}
+    module, builder, stats = _train(rec, variant, args, seed)
+    if variant == "text":
+        return VerbalizerReranker(rec.backend, builder, fusion_weight=1.0, soft_prompt=module.full_prompt().detach()), stats
+    return trained_reranker(rec, module.state_arrays(), rec.trained.item_embeddings, rec.trained.tower), stats
+
+
+def _masks(rec) -> dict[str, np.ndarray]:
+    train = rec.split.train()
+    counts = np.bincount(np.concatenate(train), minlength=rec.dataset.n_items)
+    rare = counts <= np.quantile(counts, 0.2)
+    return {"all": np.ones(rec.dataset.n_users, bool), "short": np.array([len(h) <= 20 for h in train]), "rare": rare[rec.split.targets("test")]}
+
+
+def run_variant(run: Path, variant: str, seed: int, args) -> dict:
+    from pipeline.evaluate import list_metrics
+    from pipeline.rerank import choose_fusion_weight, fuse, order_by
+
+    rec = _recommender(run)
+    users = np.arange(rec.dataset.n_users if args.eval_users is None else args.eval_users)
+    requests = {split: rec.rerank_requests(users, split) for split in ("valid", "test")}
+    out: dict = {"run": run.name, "variant": variant, "seed": seed, "users": len(users)}
+    if variant == "tower":
+        llm = {split: [np.zeros(len(r.candidates)) for r in reqs] for split, reqs in requests.items()}
+        weights = {"": 0.0}
+    else:
+        reranker, stats = _reranker(rec, variant, args, seed)
+        out["training"] = stats
+        llm, seconds = {}, {}
+        for split, reqs in requests.items():
+            start = time.perf_counter()
+            llm[split] = reranker.llm_scores(reqs)
+            seconds[split] = time.perf_counter() - start
+            print(f"  {variant} seed {seed}: {split} reranked, {len(reqs) / seconds[split]:.2f} users/s", flush=True)
+        out["users_per_s"] = len(users) / seconds["test"]
+        weight, table = choose_fusion_weight(requests["valid"], llm["valid"], rec.split.targets("valid")[users], rec.cfg.rerank.fusion_grid)
+        out["fusion_table"] = table
+        weights = {"": 1.0, "fusion": weight}
+    masks = {k: m[users] for k, m in _masks(rec).items()}
+    out["rows"] = {}
+    for label, w in weights.items():
+        for split, reqs in requests.items():
+            targets = rec.split.targets(split)[users]
+            ranked = [[r.candidates[j].item for j in order_by(fuse(np.array([c.score for c in r.candidates]), s, w))]
+                      for r, s in zip(reqs, llm[split], strict=True)]
+            for part, mask in masks.items() if split == "test" else {"all": np.ones(len(users), bool)}.items():
+                chosen = np.flatnonzero(mask)
+                m = list_metrics([ranked[i] for i in chosen], targets[chosen], [10, 20], rec.dataset.n_items)
+                out["rows"][f"{label or 'llm'}/{split}/{part}"] = {"users": len(chosen), **{k: float(m[k]) for k in KEYS}}
+        if label == "fusion":
+            out["fusion_weight"] = w
+    return out
+
+
+def report() -> None:
+    saved: dict[str, list[dict]] = {}
+    for path in sorted(OUT.glob("*-seed*.json")):
+        result = json.loads(path.read_text())
+        if result.get("eval_users_limited"):
+            continue
+        saved.setdefault(result["variant"], []).append(result)
+    if not saved:
+        print("no saved results under", OUT)
+        return
+    tower = saved.get("tower", [])
+
+    def values(runs, row, key):
+        return [r["rows"][row][key] for r in runs if row in r["rows"]]
+
+    rows, slice_rows, curves = [], [], []
+    for variant in VARIANTS:
+        runs = sorted(saved.get(variant, []), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        labels = [("llm", VARIANTS[variant])] if variant == "tower" else [("llm", VARIANTS[variant]), ("fusion", VARIANTS[variant] + " + fusion")]
+        for key, name in labels:
+            n10 = values(runs, f"{key}/test/all", "N@10")
+            base = {r["seed"]: r["rows"]["llm/test/all"]["N@10"] for r in tower}
+            paired = [v / base[r["seed"]] for r, v in zip(runs, n10, strict=True) if r["seed"] in base]
+            rows.append([name, len(runs), mean_sd(values(runs, f"{key}/valid/all", "N@10")),
+                         *(mean_sd(values(runs, f"{key}/test/all", k)) for k in KEYS),
+                         f"{np.mean(paired):.3f}×" if paired else "—",
+                         ", ".join(f"{r['fusion_weight']:g}" for r in runs) if key == "fusion" else "—",
+                         f"{np.median([r['users_per_s'] for r in runs]):.2f}" if "users_per_s" in runs[0] else "—"])
+            for part in ("short", "rare"):
+                slice_rows.append([name, part, runs[0]["rows"][f"{key}/test/{part}"]["users"],
+                                   *(mean_sd(values(runs, f"{key}/test/{part}", k)) for k in ("R@10", "N@10"))])
+        for r in runs:
+            if "training" in r:
+                t = r["training"]
+                curve = "; ".join(f"{p['train_loss']:.3f} / {p['valid_loss']:.3f}" for p in t["curve"])
+                curves.append([VARIANTS[variant], r["seed"], t["examples"], t["valid_examples"], f"{t['loss_first']:.3f}", curve,
+                               t["best_epoch"], f"{t['minutes']:.1f}"])
+    header = ["ranking", "seeds", "valid N@10", *(f"test {k}" for k in KEYS), "test N@10 / tower (paired)", "fusion w (per seed)", "users/s"]
+    table = markdown_table(header, rows)
+    slices = markdown_table(["ranking", "slice", "users", "test R@10", "test N@10"], slice_rows)
+    losses = markdown_table(["ranking", "seed", "train examples", "valid examples", "first batch loss", "per epoch: train / valid loss",
+                             "kept epoch", "train min"], curves)
+    print(table, slices, losses, sep="\n\n")
+    example = next(iter(saved.values()))[0]
+    body = (
+        "ml-latest-small, all 610 users, the served top-20 of bench_tower's federated tower (10 IID groups; one run per seed, "
+        "its client FAISS indices) reranked by SmolLM2-135M-Instruct in-process (bf16 weights, fp32 label logits), prompt "
+        "`rerank.v4`. A target the tower missed counts as a miss, so R@20 of every row is the tower's. Trained rows: soft prompt "
+        f"({20} tokens) and projectors trained centrally, Adam, examples from several positions of each training user's history, "
+        "the epoch with the lowest validation loss kept; chance loss is ln 20 = 3.00. Mean ± sd over seeds (each seed: its own "
+        f"tower run, training users and init); users/s is the test reranking throughput (median over seeds). {example['users']} "
+        "users per split.\n\n" + table + "\n\nSlices (short = ≤ 20 training items; rare = test target among the 20% least-seen "
+        "training items):\n\n" + slices + "\n\nTraining (loss of the target's label among 20):\n\n" + losses
+    )
+    update_results("bench:rerank-tower", "LLM reranker over the trained tower's candidates (ml-latest-small)", logged_commands(OUT), body)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True, help="a fedrec train run folder on ml-latest-small")
+    parser.add_argument("--runs", type=Path, nargs="+", help="fedrec train run folders, one per seed (in --seeds order)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--train-users", type=int, default=300)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-users", type=int, default=None, help="evaluate only the first N users (a smoke run; prints only)")
+    parser.add_argument("--valid-users", type=int, default=100)
+    parser.add_argument("--positions", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--eval-users", type=int, default=None, help="evaluate only the first N users (a smoke run; not reported)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="only rebuild the tables and RESULTS.md from saved results")
     args = parser.parse_args()
     os.environ.setdefault("FEDREC_DATA_DIR", str(data_dir()))
+    if not args.report:
+        import torch
 
-    import torch
-
-    from pipeline.config import load_config
-    from pipeline.evaluate import list_metrics
-    from pipeline.llm.softprompt import SoftPrompt, make_examples, train_soft_prompt
-    from pipeline.recommender import Recommender
-    from pipeline.rerank import PromptBuilder, RerankRequest, choose_fusion_weight, fuse, order_by
-    from pipeline.trained import trained_reranker
-    from retrieval import Query
-
-    sections = json.loads((args.run / "run.json").read_text())["fingerprint"]["sections"]
-    overrides = [f"cache_dir={REPO / '.cache'}", "llm.dtype=bfloat16", "eval.splits=[valid,test]",
-                 *(f"tower.{k}={v}" for k, v in sections["tower"].items()),
-                 *(f"partition.{k}={v}" for k, v in sections["partition"].items())]
-    rec = Recommender.from_config(load_config(REPO / "configs" / "ml-latest-small.yaml", overrides), run=args.run)
-    run = rec.trained
-    n = rec.cfg.retrieval.num_candidates
-    rng = np.random.default_rng(args.seed)
-    users = np.arange(rec.dataset.n_users if args.eval_users is None else args.eval_users)
-    train_users = rng.permutation(users)[: args.train_users]
-
-    train = rec.split.train()
-    histories = [train[u][:-1] for u in train_users]
-    found = rec.retriever.retrieve_batch([Query(tuple(h.tolist()), None, int(rec.client_of[u])) for h, u in zip(histories, train_users, strict=True)], n)
-    requests = [RerankRequest(rec.text_profile(h, rec.dataset.ratings[u][: len(h)]), tuple(h.tolist()), tuple(c))
-                for h, u, c in zip(histories, train_users, found, strict=True)]
-    backend = rec.backend
-    builder = PromptBuilder(backend, rec.dataset.catalog, rec.cfg.rerank.model_copy(update={"template": "rerank.v2"}), item_tokens=True)
-    module = SoftPrompt(rec.cfg.soft_prompt.tokens, backend.hidden_size, run.item_embeddings.shape[1], seed=args.seed)
-    examples = make_examples(builder, requests, [int(train[u][-1]) for u in train_users], seed=args.seed)
-    start = time.perf_counter()
-    stats = train_soft_prompt(module, backend, examples, torch.as_tensor(run.item_embeddings), builder.labels(n), epochs=args.epochs,
-                              batch_size=rec.cfg.soft_prompt.batch_size, lr=rec.cfg.soft_prompt.lr, seed=args.seed)
-    train_minutes = (time.perf_counter() - start) / 60
-    print(f"trained on {len(examples)} prompts in {train_minutes:.1f} min: loss {stats['loss_first']:.3f} → {stats['loss']:.3f} "
-          f"(ln {n} = {np.log(n):.3f})", flush=True)
-    reranker = trained_reranker(rec, module.state_arrays(), run.item_embeddings)
-
-    scored, seconds = {}, {}
-    for split in ("valid", "test"):
-        reqs = rec.rerank_requests(users, split)
-        start, llm = time.perf_counter(), []
-        for begin in range(0, len(reqs), 32):
-            llm += reranker.llm_scores(reqs[begin : begin + 32])
-            print(f"{split}: {begin + 32}/{len(reqs)} users", flush=True)
-        scored[split], seconds[split] = (reqs, llm), time.perf_counter() - start
-    valid_reqs, valid_llm = scored["valid"]
-    weight, table = choose_fusion_weight(valid_reqs, valid_llm, rec.split.targets("valid")[users], rec.cfg.rerank.fusion_grid)
-    rows = []
-    for split in ("valid", "test"):
-        reqs, llm = scored[split]
-        targets = rec.split.targets(split)[users]
-        items = [[c.item for c in r.candidates] for r in reqs]
-        for name, w in (("tower order (FAISS top-20)", 0.0), ("trained soft prompt + item tokens", 1.0), (f"fusion {weight:g} (chosen on valid)", weight)):
-            ranked = [[i[j] for j in order_by(fuse(np.array([c.score for c in r.candidates]), s, w))] for r, s, i in zip(reqs, llm, items, strict=True)]
-            m = list_metrics(ranked, targets, [10, 20], rec.dataset.n_items)
-            rows.append([split, name, f"{m['R@10']:.4f}", f"{m['N@10']:.4f}", f"{m['R@20']:.4f}", f"{m['MRR']:.4f}"])
-    result = markdown_table(["split", "ranking", "R@10", "N@10", "R@20 (= tower ceiling)", "MRR"], rows)
-    print(result)
-    if args.eval_users is not None:
-        return
-    body = (
-        f"Run `{args.run.name}` (best round {run.best_round}; tower shape {sections['tower']}). Soft prompt "
-        f"({rec.cfg.soft_prompt.tokens} tokens) + item-token projector trained centrally through the frozen SmolLM2-135M-Instruct "
-        f"(bf16 weights, fp32 label logits) on {len(examples)} users' last training item, {args.epochs} epoch, Adam lr "
-        f"{rec.cfg.soft_prompt.lr}, batch {rec.cfg.soft_prompt.batch_size}, {train_minutes:.1f} min; loss {stats['loss_first']:.3f} → "
-        f"{stats['loss']:.3f} against chance ln 20 = {np.log(20):.3f}. All {len(users)} users evaluated on valid and test (a tower miss "
-        f"counts as 0); {len(users) / seconds['test']:.2f} users/s reranking test. One seed ({args.seed}). Fusion table on valid "
-        f"(weight: N@10): {', '.join(f'{k:g}: {v:.4f}' for k, v in table.items())}.\n\n{result}"
-    )
-    update_results("bench:rerank-tower", "LLM reranker retrained on the trained tower's candidates (ml-latest-small)",
-                   f"python benchmarks/bench_rerank_tower.py --run {args.run.relative_to(REPO) if args.run.is_absolute() else args.run} "
-                   f"--train-users {args.train_users} --epochs {args.epochs} --seed {args.seed}", body)
+        torch.set_num_threads(args.threads)
+        if not args.runs or len(args.runs) != len(args.seeds):
+            parser.error("give one --runs folder per --seeds value")
+        if args.eval_users is None:
+            log_command(OUT, "bench_rerank_tower.py", [a if not Path(a).is_absolute() else str(Path(a).relative_to(REPO)) for a in sys.argv[1:]])
+        for run, seed in zip(args.runs, args.seeds, strict=True):
+            for variant in args.variants:
+                result = run_variant(run, variant, seed, args)
+                result["eval_users_limited"] = args.eval_users is not None
+                OUT.mkdir(parents=True, exist_ok=True)
+                name = f"{variant}-seed{seed}" + ("-smoke" if args.eval_users is not None else "")
+                (OUT / f"{name}.json").write_text(json.dumps(result, indent=2))
+                print(variant, seed, json.dumps({k: v for k, v in result["rows"].items() if k.endswith("test/all")}), flush=True)
+    report()
 
 
 if __name__ == "__main__":

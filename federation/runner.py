@@ -52,12 +52,15 @@ def client_loader(rec: Recommender, clients: list[np.ndarray]) -> Callable[[int]
         histories = [train_histories[u] for u in users]
         llm = None
         if cfg.soft_prompt.enabled:
-            from pipeline.rerank import PromptBuilder
+            from pipeline.rerank import trained_prompt_builder
 
             backend = _llm(rec)
-            builder = PromptBuilder(backend, rec.dataset.catalog, cfg.rerank.model_copy(update={"template": "rerank.v2"}), item_tokens=True)
-            profiles = [rec.text_profile(h[:-1], rec.dataset.ratings[u][: len(h) - 1]) for u, h in zip(users, histories, strict=True)]
-            llm = LLMTask(backend, builder, profiles, cfg.retrieval.num_candidates)
+            builder = trained_prompt_builder(backend, rec.dataset.catalog, cfg.rerank, cfg.soft_prompt)
+
+            def profile(i: int, p: int, users: np.ndarray = users) -> str:
+                return rec.text_profile(histories[i][:p], rec.dataset.ratings[users[i]][:p])
+
+            llm = LLMTask(backend, builder, profile, cfg.retrieval.num_candidates)
         private = private_store(rec, partition) if cfg.soft_prompt.personal_tokens else None
         fed = cfg.federation
         feedback = private_store(rec, partition, "feedback") if fed.compresses_uploads and fed.error_feedback else None

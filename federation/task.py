@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -62,18 +63,19 @@ def initial_state(text_vectors: np.ndarray, recipe: Recipe, *, llm_hidden: int |
             raise ValueError("soft_prompt.enabled needs the LLM's hidden size")
         from pipeline.llm.softprompt import SoftPrompt
 
-        state.update(SoftPrompt(recipe.soft_prompt.tokens, llm_hidden, recipe.tower.dim, seed=seed).state_arrays())
+        state.update(SoftPrompt(recipe.soft_prompt.tokens, llm_hidden, recipe.tower.dim, seed=seed,
+                                user_token=recipe.soft_prompt.user_token).state_arrays())
     return state
 
 
 @dataclass
 class LLMTask:
-    """What a client needs to train the soft prompt: the frozen LLM, a prompt builder with item slots,
-    and one text profile per user (built from the history before the training target)."""
+    """What a client needs to train the soft prompt: the frozen LLM, a prompt builder with item (and user) slots,
+    and `profile(i, p)`: the text profile of the client's user i from the first p items of its history."""
 
     backend: Any
     builder: Any
-    profiles: list[str]
+    profile: Callable[[int, int], str]
     n_candidates: int = 20
 
 
@@ -174,9 +176,11 @@ def upload(delta: State, data: ClientData, cfg: FederationConfig, *, round_: int
 
 def _train_soft_prompt(global_state: State, tower: RetrievalTower, data: ClientData, recipe: Recipe, *, seed: int,
                        round_: int, metrics: dict[str, float]) -> State:
-    """One epoch over the client's users: history minus its last item → candidates from the local tower → target."""
-    from pipeline.llm.softprompt import SoftPrompt, make_examples, train_soft_prompt
-    from pipeline.rerank import RerankRequest
+    """One epoch over the client's users: the history before each of its last `soft_prompt.positions` items →
+    candidates from the local tower → that item."""
+    import torch
+
+    from pipeline.llm.softprompt import SoftPrompt, position_examples, train_soft_prompt
 
     llm = data.llm
     assert llm is not None
@@ -185,18 +189,16 @@ def _train_soft_prompt(global_state: State, tower: RetrievalTower, data: ClientD
     usable = [i for i, h in enumerate(data.histories) if len(h) >= 2]
     if cfg.users is not None and len(usable) > cfg.users:
         usable = sorted(np.random.default_rng(seed).choice(usable, cfg.users, replace=False).tolist())
-    items, candidates = tower.top_candidates([data.histories[i][:-1] for i in usable], n)
-    requests = [RerankRequest(llm.profiles[i], tuple(data.histories[i][:-1].tolist()), tuple(found))
-                for i, found in zip(usable, candidates, strict=True)]
-    targets = [int(data.histories[i][-1]) for i in usable]
-    module = SoftPrompt(cfg.tokens, llm.backend.hidden_size, recipe.tower.dim, seed=recipe.federation.seed, personal=cfg.personal_tokens)
+    module = SoftPrompt(cfg.tokens, llm.backend.hidden_size, recipe.tower.dim, seed=recipe.federation.seed, personal=cfg.personal_tokens,
+                        user_token=cfg.user_token)
     module.load_arrays(global_state)
     if cfg.personal_tokens:
         if data.private is None:
             raise ValueError("soft_prompt.personal_tokens > 0 but this client has no private folder for them")
         module.load_personal(data.private.load_before(round_))
-    examples = make_examples(llm.builder, requests, targets, seed=seed)
-    stats = train_soft_prompt(module, llm.backend, examples, items.detach(), llm.builder.labels(n), epochs=1,
+    examples = position_examples(llm.builder, tower, [data.histories[i] for i in usable], lambda j, p: llm.profile(usable[j], p),
+                                 positions=cfg.positions, n=n, seed=seed)
+    stats = train_soft_prompt(module, llm.backend, examples, torch.as_tensor(tower.item_matrix()), llm.builder.labels(n), epochs=1,
                               batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
     metrics["soft_prompt_loss"] = stats["loss"]
     if cfg.personal_tokens:

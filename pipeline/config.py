@@ -154,6 +154,9 @@ class LLMConfig(_Section):
     """Torch device for the in-process backend."""
     batch_size: int = Field(default=1, ge=1, le=4096)
     """Prompts per in-process forward pass (1 is fastest on CPU: padded batches cost more than they save)."""
+    prefix_cache: bool = True
+    """In-process: compute the prompt's shared start (the chat header and the trained soft prompt) once and reuse its KV
+    cache for every user; vLLM does the same with --enable-prefix-caching."""
     max_context: int | None = Field(default=None, ge=64, le=10_000_000)
     """Prompt budget in tokens (default: the model's context length)."""
     base_url: str = "http://127.0.0.1:8000/v1"
@@ -183,10 +186,14 @@ class RerankConfig(_Section):
     """Listwise-generation prompt."""
     explain_template: str = "explain.v1"
     """Explanation prompt for demos."""
+    explain_mode: Literal["template", "llm"] = "template"
+    """How each pick's grounded facts become a sentence: a fixed template, or the LLM (`explain.v2`, template fallback)."""
     max_history_titles: int = Field(default=10, ge=0, le=1000)
     """Most recent history titles listed in the prompt."""
     max_title_chars: int = Field(default=80, ge=8, le=10_000)
     """Titles longer than this are cut when the prompt must shrink to fit the context."""
+    max_title_tokens: int | None = Field(default=None, ge=4, le=10_000)
+    """Titles in the prompt are cut to this many LLM tokens, dropping a trailing " (year)" first (LlamaRec: 32; None = whole titles)."""
     fusion_weight: float | None = Field(default=None, ge=0, le=1)
     """Weight of the LLM score against the retrieval score; None = chosen on validation."""
     fusion_grid: Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=1)] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
@@ -299,9 +306,22 @@ class FederationConfig(_Section):
 
 class SoftPromptConfig(_Section):
     enabled: bool = False
-    """Also train the LLM soft prompt and the item-token projector (rerank.v2 prompts) on each client, in-process backend only."""
+    """Also train the LLM soft prompt and the item-token projector on each client, in-process backend only."""
     tokens: int = Field(default=20, ge=0, le=1000)
     """Virtual tokens in the soft prompt."""
+    template: str = "rerank.v4"
+    """Prompt of the trained reranker: `rerank.v4` (compact, a user token and an item token per candidate, each slot on its
+    own line so vLLM's prompt_embeds parts match), `rerank.v3` (the full prompt, item tokens only) or `rerank.v2`."""
+    user_token: bool = True
+    """Also project the tower's query vector for the user into one token (LlaRA/CoLLM hybrid prompt); needs a template
+    with `{{ user_slot }}`."""
+    max_title_tokens: int | None = Field(default=10, ge=4, le=10_000)
+    """Title length in LLM tokens in the trained reranker's prompt (the compact budget; None = whole titles)."""
+    max_history_titles: int = Field(default=10, ge=0, le=1000)
+    """History titles in the trained reranker's prompt (the tower's user token carries the whole history)."""
+    positions: int = Field(default=1, ge=1, le=1000)
+    """Training examples per user: targets at the last `positions` places of its training history, each with the
+    tower's candidates for the history before it."""
     lr: float = Field(default=1e-2, gt=0, le=10)
     """Client learning rate for the soft prompt and projector."""
     batch_size: int = Field(default=8, ge=1, le=4096)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import prompts
-from pipeline.config import RerankConfig
+from pipeline.config import RerankConfig, SoftPromptConfig
 from pipeline.data import Catalog
 from pipeline.llm.base import ITEM_SLOT, LLMBackend, Messages
 from retrieval import Candidate
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+_YEAR = re.compile(r" \(\d{4}\)$")
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,39 @@ class PromptBuilder:
     backend's control tokens (`prompts.render_chat`), so a title cannot open a chat turn.
     """
 
-    def __init__(self, backend: LLMBackend, catalog: Catalog, cfg: RerankConfig, *, item_tokens: bool = False) -> None:
+    def __init__(self, backend: LLMBackend, catalog: Catalog, cfg: RerankConfig, *, item_tokens: bool = False,
+                 user_token: bool = False) -> None:
         self.backend = backend
         self.catalog = catalog
         self.cfg = cfg
         self.item_tokens = item_tokens
+        self.user_token = user_token
+        """Render a `{{ user_slot }}` (the first embedding slot) for the user token; needs `item_tokens`."""
+        self._titles: dict[int, str] = {}
+
+    @property
+    def n_user_slots(self) -> int:
+        return int(self.user_token)
+
+    def title(self, item: int) -> str:
+        """The item's label within `cfg.max_title_tokens` LLM tokens (cached per item). A longer one is cut and loses its
+        trailing " (year)" rather than keep a piece of it (the year alone is 6 tokens in SmolLM2's tokenizer)."""
+        if item not in self._titles:
+            label, limit = self.catalog.label(item), self.cfg.max_title_tokens
+            if limit is not None and len(self.backend._ids(label)) > limit:
+                stem = _YEAR.sub("", label)
+                ids = self.backend._ids(stem)
+                label = stem if len(ids) <= limit else self.backend.tokenizer.decode(ids[: limit - 1]).rstrip() + "…"
+            self._titles[item] = label
+        return self._titles[item]
+
+    def top_genres(self, history: Sequence[int], n: int = 3) -> list[str]:
+        """The history's most frequent genres (ties alphabetical)."""
+        counts: dict[str, int] = {}
+        for item in history:
+            for genre in self.catalog.genres[item]:
+                counts[genre] = counts.get(genre, 0) + 1
+        return [g for g, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
 
     def labels(self, n: int) -> list[str]:
         return prompts.labels_for(n, self.cfg.label_set)
@@ -89,9 +118,12 @@ class PromptBuilder:
             ValueError: even with no history and 16-character titles the prompt does not fit.
         """
         labels = self.labels(len(request.candidates))
+        if self.user_token and not self.item_tokens:
+            raise ValueError("a user token travels in the item-token slots; build the prompt with item_tokens=True")
         slot = ITEM_SLOT if self.item_tokens else ""
-        history = [self.catalog.label(i) for i in list(request.history)[-self.cfg.max_history_titles :]] if self.cfg.max_history_titles else []
-        titles = [self.catalog.label(c.item) for c in request.candidates]
+        history = [self.title(i) for i in list(request.history)[-self.cfg.max_history_titles :]] if self.cfg.max_history_titles else []
+        titles = [self.title(c.item) for c in request.candidates]
+        genres = self.top_genres(request.history)
         budget = self.backend.context_length - reserve
         control = self.backend.control_tokens()
 
@@ -102,12 +134,14 @@ class PromptBuilder:
             return prompts.render_chat(
                 template, control_tokens=control, profile=request.profile, history=[cut(t) for t in hist],
                 candidates=[{"label": lab, "title": cut(t), "item_slot": slot} for lab, t in zip(labels, titles, strict=True)],
-                labels=labels,
+                labels=labels, user_slot=ITEM_SLOT if self.user_token else "", top_genres=genres,
             )
 
         messages = render(history, None)
-        if self.item_tokens and sum(m["content"].count(ITEM_SLOT) for m in messages) != len(titles):
-            raise ValueError(f"prompt template {template!r} has no item-token slot ({{{{ c.item_slot }}}}); use rerank.v2 for item tokens")
+        if self.item_tokens and sum(m["content"].count(ITEM_SLOT) for m in messages) != len(titles) + self.n_user_slots:
+            need = "a {{ user_slot }} and " if self.user_token else ""
+            raise ValueError(f"prompt template {template!r} lacks {need}an item-token slot per candidate ({{{{ c.item_slot }}}}); "
+                             "use rerank.v4 (user and item tokens) or rerank.v3 (item tokens)")
         if self.backend.prompt_tokens(messages) <= budget:
             return messages
         dropped, limit = 0, None
@@ -129,6 +163,15 @@ class PromptBuilder:
         log.warning("prompt shortened to fit %d tokens: dropped %d history titles%s", budget, dropped,
                     f", titles cut to {limit} characters" if limit else "")
         return messages
+
+
+def trained_prompt_builder(backend: LLMBackend, catalog: Catalog, rerank: RerankConfig, soft: SoftPromptConfig, *,
+                           user_token: bool | None = None) -> PromptBuilder:
+    """The prompt of the trained reranker: `soft_prompt.template` with its title and history budget, item slots, and a
+    user slot when `user_token` (default: `soft_prompt.user_token`)."""
+    cfg = rerank.model_copy(update={"template": soft.template, "max_title_tokens": soft.max_title_tokens,
+                                    "max_history_titles": soft.max_history_titles})
+    return PromptBuilder(backend, catalog, cfg, item_tokens=True, user_token=soft.user_token if user_token is None else user_token)
 
 
 def _zscore(values: np.ndarray) -> np.ndarray:
@@ -167,14 +210,15 @@ class VerbalizerReranker(Reranker):
 
     def __init__(
         self, backend: LLMBackend, builder: PromptBuilder, *, fusion_weight: float = 1.0, soft_prompt: torch.Tensor | None = None,
-        item_tokens: Callable[[Sequence[int]], torch.Tensor] | None = None,
+        item_tokens: Callable[[Sequence[RerankRequest]], list[torch.Tensor]] | None = None,
     ) -> None:
         self.backend = backend
         self.builder = builder
         self.fusion_weight = fusion_weight
         self.soft_prompt = soft_prompt
         self.item_tokens = item_tokens
-        """Maps candidate item indices to `(n, hidden)` item tokens (the trained projector); needs `builder.item_tokens`."""
+        """Maps requests to their `(slots, hidden)` embedding tokens, in slot order: the user token (with
+        `builder.user_token`), then one per candidate (the trained projectors); needs `builder.item_tokens`."""
 
     def llm_scores(self, requests: Sequence[RerankRequest]) -> list[np.ndarray]:
         """Per request, `(n_candidates,)` label log-probabilities; requests are grouped by candidate count."""
@@ -187,7 +231,7 @@ class VerbalizerReranker(Reranker):
             messages = [self.builder.build(requests[i], self.builder.cfg.template) for i in members]
             tokens = None
             if self.item_tokens is not None:
-                tokens = [self.item_tokens([c.item for c in requests[i].candidates]) for i in members]
+                tokens = self.item_tokens([requests[i] for i in members])
             scores = self.backend.score_labels(messages, labels, soft_prompt=self.soft_prompt, item_tokens=tokens)
             for row, i in enumerate(members):
                 out[i] = scores[row]

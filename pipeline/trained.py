@@ -178,33 +178,44 @@ class TrainedRun:
         return f"trained tower from {self.folder} (round {self.best_round})"
 
     def reranker(self, rec: Recommender, *, fusion_weight: float = 1.0, personal: dict[str, np.ndarray] | None = None) -> VerbalizerReranker:
-        """A verbalizer reranker with the run's soft prompt and item tokens (`rerank.v2`; the projector reads the tower's
-        item embeddings). `personal`: one client's personal tokens."""
-        return trained_reranker(rec, self.state, self.item_embeddings, fusion_weight=fusion_weight, personal=personal)
+        """A verbalizer reranker with the run's soft prompt, item tokens and (when trained with one) user token
+        (`soft_prompt.template`; the projectors read the tower's vectors). `personal`: one client's personal tokens."""
+        return trained_reranker(rec, self.state, self.item_embeddings, self.tower, fusion_weight=fusion_weight, personal=personal)
 
 
-def trained_reranker(rec: Recommender, state: dict[str, np.ndarray], item_embeddings: np.ndarray, *, fusion_weight: float = 1.0,
-                     personal: dict[str, np.ndarray] | None = None) -> VerbalizerReranker:
-    """A verbalizer reranker over a state's soft prompt and projector, for any candidates."""
+def trained_reranker(rec: Recommender, state: dict[str, np.ndarray], item_embeddings: np.ndarray, tower: RetrievalTower, *,
+                     fusion_weight: float = 1.0, personal: dict[str, np.ndarray] | None = None) -> VerbalizerReranker:
+    """A verbalizer reranker over a state's soft prompt and projectors, for any candidates; `tower` gives the user token's
+    query vector for each request's history."""
     import torch
 
     from pipeline.llm.softprompt import SoftPrompt
     from pipeline.llm.transformers_backend import TransformersBackend
-    from pipeline.rerank import PromptBuilder, VerbalizerReranker
+    from pipeline.rerank import RerankRequest, VerbalizerReranker, trained_prompt_builder
 
     backend = rec.backend
     if not isinstance(backend, TransformersBackend):
         raise FedrecError("a trained soft prompt is applied in-process; set llm.backend=transformers")
     sp = rec.cfg.soft_prompt
+    user_token = SoftPrompt.has_user_token(state)
     module = SoftPrompt(state["soft/prompt"].shape[0], backend.hidden_size, item_embeddings.shape[1],
-                        personal=sp.personal_tokens if personal else 0)
+                        personal=sp.personal_tokens if personal else 0, user_token=user_token)
     module.load_arrays(state)
     if personal:
         module.load_personal(personal)
     with torch.no_grad():
         prompt, tokens = module.full_prompt(), module.item_tokens(torch.as_tensor(item_embeddings))
-    builder = PromptBuilder(backend, rec.dataset.catalog, rec.cfg.rerank.model_copy(update={"template": "rerank.v2"}), item_tokens=True)
-    return VerbalizerReranker(backend, builder, fusion_weight=fusion_weight, soft_prompt=prompt, item_tokens=lambda ids: tokens[list(ids)])
+
+    def slot_tokens(requests: list[RerankRequest]) -> list[torch.Tensor]:
+        rows = [tokens[[c.item for c in r.candidates]] for r in requests]
+        if not user_token:
+            return rows
+        with torch.no_grad():
+            users = module.user_projector(torch.as_tensor(tower.encode([list(r.history) for r in requests])))  # type: ignore[misc]
+        return [torch.cat([u[None], row]) for u, row in zip(users, rows, strict=True)]
+
+    builder = trained_prompt_builder(backend, rec.dataset.catalog, rec.cfg.rerank, sp, user_token=user_token)
+    return VerbalizerReranker(backend, builder, fusion_weight=fusion_weight, soft_prompt=prompt, item_tokens=slot_tokens)
 
 
 def write_state(folder: Path, state: dict[str, np.ndarray], round_: int) -> None:

@@ -186,7 +186,7 @@ def test_soft_prompt_and_projector_travel_with_the_tower(tmp_path: Path, tiny_ll
     results = train(rec)
     state = load(run_dir(rec) / "checkpoint.npz").state
     soft = {k for k in state if k.startswith("soft/")}
-    assert soft == {"soft/prompt", "soft/projector.weight", "soft/projector.bias"}
+    assert soft == {"soft/prompt", "soft/projector.weight", "soft/projector.bias", "soft/user_projector.weight", "soft/user_projector.bias"}
     assert state["soft/prompt"].shape == (4, rec.backend.hidden_size)
     assert results["history"][0]["accepted"] == 4
     assert results["history"][0]["bytes_up"] == 4 * results["state_bytes"]

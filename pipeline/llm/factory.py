@@ -16,6 +16,7 @@ def make_backend(cfg: LLMConfig, cache_dir: Path) -> LLMBackend:
 
         return TransformersBackend(
             cfg.model, dtype=cfg.dtype, cache_dir=cache_dir, batch_size=cfg.batch_size, device=cfg.device, max_context=cfg.max_context,
+            prefix_cache=cfg.prefix_cache,
         )
     if cfg.backend == "openai":
         from pipeline.llm.openai_backend import OpenAIBackend

@@ -7,6 +7,7 @@ folder in the cache; later loads read that folder.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from importlib import util as importlib_util
@@ -88,7 +89,7 @@ class TransformersBackend(LLMBackend):
 
     def __init__(
         self, model: str = DEFAULT_MODEL, *, dtype: str = "float32", cache_dir: str | Path = ".cache",
-        batch_size: int = 8, device: str = "cpu", max_context: int | None = None,
+        batch_size: int = 8, device: str = "cpu", max_context: int | None = None, prefix_cache: bool = True,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,6 +119,8 @@ class TransformersBackend(LLMBackend):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.context_length = max_context or int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.prefix_cache = prefix_cache
+        self._prefixes: dict[tuple, tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
 
     def describe(self) -> str:
         return f"transformers in-process: {self.model_name} ({self.dtype})"
@@ -166,10 +169,59 @@ class TransformersBackend(LLMBackend):
         weight = self.model.get_output_embeddings().weight[list(label_ids)].float()
         return hidden @ weight.T
 
+    def _prefix_kv(self, encoded: EncodedPrompt, soft_prompt: torch.Tensor) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Length and per-layer `(1, heads, length, head_dim)` keys and values of a prompt's shared start: the tokens before
+        the soft prompt and the soft prompt itself. Computed once per (tokens, soft prompt) and kept."""
+        import hashlib
+
+        import torch
+
+        digest = hashlib.blake2b(soft_prompt.detach().float().cpu().numpy().tobytes(), digest_size=16).hexdigest()
+        key = (encoded.pieces[0], digest, self.dtype)
+        if key not in self._prefixes:
+            embeds = torch.cat([self.embed_tokens(encoded.pieces[0]), soft_prompt.float().to(self.device)]).to(self.model.dtype)[None]
+            out = self.model.base_model(inputs_embeds=embeds, use_cache=True)
+            cache = out.past_key_values
+            layers = [(layer.keys, layer.values) for layer in cache.layers] if hasattr(cache, "layers") else list(cache)
+            if len(self._prefixes) >= 8:  # a few soft prompts (e.g. per-client personal tokens) at a time
+                self._prefixes.pop(next(iter(self._prefixes)))
+            self._prefixes[key] = (embeds.shape[1], layers)
+        return self._prefixes[key]
+
+    def _suffix_hidden(self, encoded: Sequence[EncodedPrompt], soft_prompt: torch.Tensor,
+                       item_tokens: Sequence[torch.Tensor] | None) -> torch.Tensor:
+        """What `last_hidden` returns, computing only what follows the cached shared start (right-padded, positions after it)."""
+        import torch
+        from transformers import DynamicCache
+
+        length, layers = self._prefix_kv(encoded[0], soft_prompt)
+        dtype = self.model.dtype
+        rows = []
+        for i, enc in enumerate(encoded):
+            rest = EncodedPrompt(enc.pieces[1:], enc.slots[1:])
+            rows.append(rest.compose(self.embed_tokens, None, None if item_tokens is None else item_tokens[i].to(self.device)).to(dtype))
+        width = max(r.shape[0] for r in rows)
+        embeds = torch.zeros(len(rows), width, self.hidden_size, dtype=dtype, device=self.device)
+        mask = torch.zeros(len(rows), length + width, dtype=torch.long, device=self.device)
+        mask[:, :length] = 1
+        for i, row in enumerate(rows):
+            embeds[i, : row.shape[0]] = row
+            mask[i, length : length + row.shape[0]] = 1
+        cache = DynamicCache()
+        for index, (k, v) in enumerate(layers):
+            cache.update(k.expand(len(rows), -1, -1, -1).contiguous(), v.expand(len(rows), -1, -1, -1).contiguous(), index)
+        positions = torch.arange(length, length + width, device=self.device).expand(len(rows), -1)
+        # transformers renamed `past_key_values` to `cache` (5.x); pass it under the name this version reads.
+        name = "cache" if "cache" in inspect.signature(self.model.base_model.forward).parameters else "past_key_values"
+        out = self.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **{name: cache})
+        last = torch.tensor([r.shape[0] - 1 for r in rows], device=self.device)
+        return out.last_hidden_state[torch.arange(len(rows), device=self.device), last].float()
+
     def score_labels(
         self, prompts: Sequence[Messages], labels: Sequence[str], soft_prompt: torch.Tensor | None = None,
         item_tokens: Sequence[torch.Tensor] | None = None,
     ) -> np.ndarray:
+        """Label log-probabilities; with `prefix_cache` and a soft prompt, the shared start is computed once (same scores)."""
         import torch
 
         label_ids = self.label_ids(labels)
@@ -178,8 +230,10 @@ class TransformersBackend(LLMBackend):
             for start in range(0, len(prompts), self.batch_size):
                 chunk = [self.encode(p, with_slot=soft_prompt is not None) for p in prompts[start : start + self.batch_size]]
                 items = None if item_tokens is None else item_tokens[start : start + self.batch_size]
-                logits = self.label_logits(self.last_hidden(chunk, soft_prompt, items), label_ids)
-                out[start : start + len(chunk)] = log_softmax(logits.cpu().numpy())
+                cached = (self.prefix_cache and soft_prompt is not None and all(e.slots[:1] == ("soft",) for e in chunk)
+                          and len({e.pieces[0] for e in chunk}) == 1)
+                hidden = self._suffix_hidden(chunk, soft_prompt, items) if cached else self.last_hidden(chunk, soft_prompt, items)
+                out[start : start + len(chunk)] = log_softmax(self.label_logits(hidden, label_ids).cpu().numpy())
         return out
 
     def generate(self, prompts: Sequence[Messages], *, max_tokens: int = 64) -> list[str]:
