@@ -275,26 +275,36 @@ def train(
 
 @app.command("rerank")
 def rerank_job(
-    input_path: Annotated[Path, typer.Option("--input", "-i", help="JSONL requests, one JSON object per line: id, user_id or history, optionally candidates and k.")],
+    input_path: Annotated[Path, typer.Option("--input", "-i", help="JSONL requests, one JSON object per line: id, user_id or history, optionally candidates and k; or OpenAI batch lines holding them in body.")],
     output_path: Annotated[Path, typer.Option("--output", "-o", help="JSONL results (resumable: rerun the same command to continue).")],
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     errors_path: Annotated[Path | None, typer.Option("--errors", help="Bad rows with line numbers (default: <output>.errors.jsonl).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=100_000, help="Requests per LLM batch and per checkpoint.")] = 16,
-    engine: Annotated[str, typer.Option(help="local (resumable) or ray (Ray Data map_batches; output is a folder).")] = "local",
+    fmt: Annotated[str, typer.Option("--format", help="Line format of input and output: native, openai (OpenAI batch lines) or auto (the first JSON object line decides).")] = "auto",
+    engine: Annotated[str, typer.Option(help="local, or ray (Ray Data actors; the same output files, resumable by shard).")] = "local",
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="--engine ray: the cluster to join, <head>:6379 or auto (default: $RAY_ADDRESS, else a local Ray).")] = None,
+    shard_size: Annotated[int | None, typer.Option("--shard-size", min=1, max=100_000_000, help="--engine ray: lines per shard, the unit of resume; a multiple of --batch-size (default: 64 batches).")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, max=10_000, help="--engine ray: reranker actors, each loading the model once.")] = 1,
     run: RunOpt = None,
 ) -> None:
-    """Batch offline reranking of JSONL requests."""
+    """Batch offline reranking of JSONL requests (native or OpenAI batch format), on this machine or a Ray cluster."""
     from pipeline.batch import run_job, run_ray
 
+    if engine not in ("local", "ray"):
+        raise FedrecError(f"--engine must be local or ray, got {engine!r}")
+    if engine == "local":
+        given = [name for name, value in (("--ray-address", ray_address), ("--shard-size", shard_size)) if value is not None]
+        given += ["--concurrency"] if concurrency != 1 else []
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise FedrecError(f"{', '.join(given)} {verb} only to --engine ray; add --engine ray, or drop {'it' if len(given) == 1 else 'them'}")
     cfg = _config(config, overrides)
     if engine == "ray":
-        run_ray(cfg, input_path, output_path, batch_size=batch_size, run=run)
-        _say("wrote", "green", f"{output_path}/")
-        return
-    if engine != "local":
-        raise FedrecError(f"--engine must be local or ray, got {engine!r}")
-    summary = run_job(cfg, input_path, output_path, errors_path=errors_path, batch_size=batch_size, progress=True, run=run)
+        summary = run_ray(cfg, input_path, output_path, errors_path=errors_path, batch_size=batch_size, shard_size=shard_size,
+                          concurrency=concurrency, progress=True, run=run, fmt=fmt, address=ray_address)
+    else:
+        summary = run_job(cfg, input_path, output_path, errors_path=errors_path, batch_size=batch_size, progress=True, run=run, fmt=fmt)
     console.print(
         f"rows ok {summary.ok:,}, failed {summary.failed:,}, skipped (already done) {summary.skipped:,}; "
         f"{summary.rows_per_s:.1f} rows/s over {summary.seconds:.1f} s → {output_path}"

@@ -299,11 +299,13 @@ def test_a_row_that_breaks_its_batch_fails_alone(tiny_llama: Path, tmp_path: Pat
 def test_the_ray_entry_point_reports_unreadable_lines(tiny_llama: Path) -> None:
     import numpy as np
 
-    worker = BatchReranker(_config(tiny_llama))
-    lines = np.array([1, 2, 3])
-    texts = np.array(['{"user_id": 1, "k": 2}', "\ufffd", '{"user_id": 1, "candidates": [7, 7]}'], dtype=object)
-    problems = np.array(["", "line 2 is not valid UTF-8 at byte 1 (invalid start byte); save the input as UTF-8", ""], dtype=object)
-    out = worker({"line": lines, "text": texts, "problem": problems})
-    assert len(json.loads(out["result"][0])["items"]) == 2 and out["error"][0] == ""
-    assert json.loads(out["error"][1])["error"].startswith("line 2 is not valid UTF-8")
-    assert "duplicate item ids [7]" in json.loads(out["error"][2])["error"]
+    worker = BatchReranker(_config(tiny_llama), batch_size=2)
+    lines = [(1, '{"user_id": 1, "k": 2}'), (2, batch.Unreadable("line 2 is not valid UTF-8 at byte 1 (invalid start byte); save the input as UTF-8", "\ufffd")),
+             (3, '{"user_id": 1, "candidates": [7, 7]}'), (5, '{"id": "last", "history": [1], "k": 1}')]
+    out = worker({"shard": np.array([7]), "lines": np.array([batch._encode_shard(lines)], dtype=object)})
+    assert (out["shard"].tolist(), out["lines"].tolist(), out["ok"].tolist(), out["failed"].tolist()) == ([7], [4], [2], [2])
+    results = [json.loads(line) for line in out["results"][0].splitlines()]
+    assert [(r["line"], len(r["items"])) for r in results] == [(1, 2), (5, 1)] and results[1]["id"] == "last"
+    errors = [json.loads(line) for line in out["errors"][0].splitlines()]
+    assert errors[0]["line"] == 2 and errors[0]["error"].startswith("line 2 is not valid UTF-8") and errors[0]["input"] == "\ufffd"
+    assert errors[1]["line"] == 3 and "duplicate item ids [7]" in errors[1]["error"]
