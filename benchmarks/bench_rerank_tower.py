@@ -40,7 +40,8 @@ from common import REPO, data_dir, log_command, logged_commands, markdown_table,
 
 OUT = REPO / "runs" / "bench-rerank-tower"
 VARIANTS = {"tower": "tower order (FAISS top-20)", "zero-shot": "zero-shot text prompt", "text": "trained text soft prompt",
-            "items": "+ item tokens", "user": "+ user token"}
+            "items": "+ item tokens", "user": "+ user token",
+            "full-items": "the previous prompt (rerank.v2: profile, whole titles) + item tokens"}
 KEYS = ("R@10", "N@10", "MRR")
 
 
@@ -63,7 +64,8 @@ def _train(rec, variant: str, args, seed: int):
     from pipeline.rerank import trained_prompt_builder
 
     run, backend, n = rec.trained, rec.backend, rec.cfg.retrieval.num_candidates
-    builder = trained_prompt_builder(backend, rec.dataset.catalog, rec.cfg.rerank, rec.cfg.soft_prompt, user_token=variant == "user")
+    soft = builder_soft(rec) if variant == "full-items" else rec.cfg.soft_prompt  # full-items: the prompt before the compact one
+    builder = trained_prompt_builder(backend, rec.dataset.catalog, rec.cfg.rerank, soft, user_token=variant == "user")
     if variant == "text":
         builder.item_tokens = False
     rng = np.random.default_rng(seed)
@@ -105,7 +107,14 @@ def _reranker(rec, variant: str, args, seed: int):
     module, builder, stats = _train(rec, variant, args, seed)
     if variant == "text":
         return VerbalizerReranker(rec.backend, builder, fusion_weight=1.0, soft_prompt=module.full_prompt().detach()), stats
+    if variant == "full-items":
+        rec = rec.with_cfg(rec.cfg.model_copy(update={"soft_prompt": builder_soft(rec)}))
     return trained_reranker(rec, module.state_arrays(), rec.trained.item_embeddings, rec.trained.tower), stats
+
+
+def builder_soft(rec):
+    return rec.cfg.soft_prompt.model_copy(update={"template": "rerank.v2", "max_title_tokens": None,
+                                                  "max_history_titles": rec.cfg.rerank.max_history_titles, "user_token": False})
 
 
 def _masks(rec) -> dict[str, np.ndarray]:
@@ -121,7 +130,8 @@ def run_variant(run: Path, variant: str, seed: int, args) -> dict:
 
     rec = _recommender(run)
     users = np.arange(rec.dataset.n_users if args.eval_users is None else args.eval_users)
-    requests = {split: rec.rerank_requests(users, split) for split in ("valid", "test")}
+    chosen = {"valid": users[: args.valid_eval_users], "test": users}
+    requests = {split: rec.rerank_requests(chosen[split], split) for split in ("valid", "test")}
     out: dict = {"run": run.name, "variant": variant, "seed": seed, "users": len(users)}
     if variant == "tower":
         llm = {split: [np.zeros(len(r.candidates)) for r in reqs] for split, reqs in requests.items()}
@@ -136,20 +146,20 @@ def run_variant(run: Path, variant: str, seed: int, args) -> dict:
             seconds[split] = time.perf_counter() - start
             print(f"  {variant} seed {seed}: {split} reranked, {len(reqs) / seconds[split]:.2f} users/s", flush=True)
         out["users_per_s"] = len(users) / seconds["test"]
-        weight, table = choose_fusion_weight(requests["valid"], llm["valid"], rec.split.targets("valid")[users], rec.cfg.rerank.fusion_grid)
+        weight, table = choose_fusion_weight(requests["valid"], llm["valid"], rec.split.targets("valid")[chosen["valid"]], rec.cfg.rerank.fusion_grid)
         out["fusion_table"] = table
         weights = {"": 1.0, "fusion": weight}
     masks = {k: m[users] for k, m in _masks(rec).items()}
     out["rows"] = {}
     for label, w in weights.items():
         for split, reqs in requests.items():
-            targets = rec.split.targets(split)[users]
+            targets = rec.split.targets(split)[chosen[split]]
             ranked = [[r.candidates[j].item for j in order_by(fuse(np.array([c.score for c in r.candidates]), s, w))]
                       for r, s in zip(reqs, llm[split], strict=True)]
-            for part, mask in masks.items() if split == "test" else {"all": np.ones(len(users), bool)}.items():
-                chosen = np.flatnonzero(mask)
-                m = list_metrics([ranked[i] for i in chosen], targets[chosen], [10, 20], rec.dataset.n_items)
-                out["rows"][f"{label or 'llm'}/{split}/{part}"] = {"users": len(chosen), **{k: float(m[k]) for k in KEYS}}
+            for part, mask in masks.items() if split == "test" else {"all": np.ones(len(chosen["valid"]), bool)}.items():
+                picked = np.flatnonzero(mask)
+                m = list_metrics([ranked[i] for i in picked], targets[picked], [10, 20], rec.dataset.n_items)
+                out["rows"][f"{label or 'llm'}/{split}/{part}"] = {"users": len(picked), **{k: float(m[k]) for k in KEYS}}
         if label == "fusion":
             out["fusion_weight"] = w
     return out
@@ -207,8 +217,9 @@ def report() -> None:
         "`rerank.v4`. A target the tower missed counts as a miss, so R@20 of every row is the tower's. Trained rows: soft prompt "
         f"({20} tokens) and projectors trained centrally, Adam, examples from several positions of each training user's history, "
         "the epoch with the lowest validation loss kept; chance loss is ln 20 = 3.00. Mean ± sd over seeds (each seed: its own "
-        f"tower run, training users and init); users/s is the test reranking throughput (median over seeds). {example['users']} "
-        "users per split.\n\n" + table + "\n\nSlices (short = ≤ 20 training items; rare = test target among the 20% least-seen "
+        f"tower run, training users and init); users/s is the test reranking throughput (median over seeds). Test: all "
+        f"{example['users']} users; validation (the fusion weight and the valid column): the first {example['rows']['llm/valid/all']['users']} "
+        "users.\n\n" + table + "\n\nSlices (short = ≤ 20 training items; rare = test target among the 20% least-seen "
         "training items):\n\n" + slices + "\n\nTraining (loss of the target's label among 20):\n\n" + losses
     )
     update_results("bench:rerank-tower", "LLM reranker over the trained tower's candidates (ml-latest-small)", logged_commands(OUT), body)
@@ -223,6 +234,7 @@ def main() -> None:
     parser.add_argument("--valid-users", type=int, default=100)
     parser.add_argument("--positions", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--valid-eval-users", type=int, default=200, help="validation users reranked to choose the fusion weight")
     parser.add_argument("--eval-users", type=int, default=None, help="evaluate only the first N users (a smoke run; not reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="only rebuild the tables and RESULTS.md from saved results")

@@ -92,7 +92,7 @@ def wait_http(url: str, process: subprocess.Popen, timeout: float = 300.0) -> No
 
 
 @contextmanager
-def vllm_server(model: str, port: int, *extra: str) -> Iterator[str | None]:
+def vllm_server(model: str, port: int, *extra: str, dtype: str = "float32") -> Iterator[str | None]:
     """The vLLM CPU server from .venv-vllm on 127.0.0.1:`port` with the flags fedrec needs; yields its /v1 URL
     (None when .venv-vllm is absent) and stops it afterwards."""
     python = REPO / ".venv-vllm" / "bin" / "python"
@@ -102,7 +102,7 @@ def vllm_server(model: str, port: int, *extra: str) -> Iterator[str | None]:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--enforce-eager",
                "--enable-prompt-embeds", "--logprobs-mode", "processed_logprobs", "--max-logprobs", "52",
-               "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port), *extra]
+               "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port), *extra]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", server)

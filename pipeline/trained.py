@@ -189,13 +189,15 @@ def trained_reranker(rec: Recommender, state: dict[str, np.ndarray], item_embedd
     query vector for each request's history."""
     import torch
 
+    from pipeline.llm.openai_backend import OpenAIBackend
     from pipeline.llm.softprompt import SoftPrompt
     from pipeline.llm.transformers_backend import TransformersBackend
     from pipeline.rerank import RerankRequest, VerbalizerReranker, trained_prompt_builder
 
     backend = rec.backend
-    if not isinstance(backend, TransformersBackend):
-        raise FedrecError("a trained soft prompt is applied in-process; set llm.backend=transformers")
+    if not isinstance(backend, TransformersBackend | OpenAIBackend):
+        raise FedrecError("a trained soft prompt runs in-process (inputs_embeds) or on an OpenAI-compatible server (prompt_embeds); "
+                          "set llm.backend=transformers or openai")
     sp = rec.cfg.soft_prompt
     user_token = SoftPrompt.has_user_token(state)
     module = SoftPrompt(state["soft/prompt"].shape[0], backend.hidden_size, item_embeddings.shape[1],

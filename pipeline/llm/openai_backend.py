@@ -149,6 +149,11 @@ class OpenAIBackend(LLMBackend):
         """`(vocab, hidden)` input embeddings read from the local model folder (for soft prompts)."""
         return read_embedding_table(self.model_path)
 
+    @property
+    def hidden_size(self) -> int:
+        """The served model's width (from the local model folder), for soft prompts and projectors."""
+        return int(self.embedding_table.shape[1])
+
     def _parse(self, entries: dict[int, float], label_ids: Sequence[int]) -> np.ndarray:
         missing = [t for t in label_ids if t not in entries]
         if missing:

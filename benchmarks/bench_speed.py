@@ -1,0 +1,145 @@
+"""Reranking speed of the prompts, in-process and on the vLLM CPU server, measured side by side in one run.
+
+The same ml-latest-small test users and the same served top-20 (a trained tower run's client FAISS
+indices) go through each prompt:
+
+- `rerank.v1`, zero-shot (the prompt of the earlier speed table: profile, 10 whole history titles);
+- `rerank.v2` + a soft prompt and item tokens (the trained reranker's prompt before this one);
+- `rerank.v4` + a soft prompt, a user token and item tokens (the compact prompt: 10-token titles,
+  the dominant genres instead of the profile), without and with the in-process prefix KV cache.
+
+Speed does not depend on the trained values, so the soft prompt and projectors are freshly
+initialised (seed 0). In-process rows use `llm.batch_size` 1; the served rows start the vLLM CPU
+server from .venv-vllm once per dtype (prefix caching on, 4 requests in flight, the compact prompt
+over chat prompt_embeds parts) and warm up on other users, so the timed prompts are not already
+cached. Each row is the median of `--repeats` passes.
+
+Usage: python benchmarks/bench_speed.py --run <fedrec train run folder> [--users 40] [--repeats 3] [--no-served]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from common import REPO, data_dir, markdown_table, update_results, vllm_server
+
+PROMPTS = {"v1": "rerank.v1 zero-shot", "v2": "rerank.v2 + soft prompt + item tokens", "v4": "rerank.v4 + soft prompt + user + item tokens"}
+
+
+def _recommender(run: Path, *extra: str):
+    from pipeline.config import load_config
+    from pipeline.recommender import Recommender
+
+    sections = json.loads((run / "run.json").read_text())["fingerprint"]["sections"]
+    overrides = [f"cache_dir={REPO / '.cache'}", *(f"tower.{k}={v}" for k, v in sections["tower"].items()),
+                 *(f"partition.{k}={v}" for k, v in sections["partition"].items()), *extra]
+    return Recommender.from_config(load_config(REPO / "configs" / "ml-latest-small.yaml", overrides), run=run)
+
+
+def _rerankers(rec, prompt: str):
+    """The reranker for `prompt` over `rec.backend`, and its prompt builder."""
+    from pipeline.llm.softprompt import SoftPrompt
+    from pipeline.rerank import PromptBuilder, VerbalizerReranker
+    from pipeline.trained import trained_reranker
+
+    if prompt == "v1":
+        builder = PromptBuilder(rec.backend, rec.dataset.catalog, rec.cfg.rerank.model_copy(update={"template": "rerank.v1"}))
+        return VerbalizerReranker(rec.backend, builder, fusion_weight=1.0)
+    if prompt == "v2":
+        soft = {"template": "rerank.v2", "max_title_tokens": None, "max_history_titles": rec.cfg.rerank.max_history_titles, "user_token": False}
+        rec = rec.with_cfg(rec.cfg.model_copy(update={"soft_prompt": rec.cfg.soft_prompt.model_copy(update=soft)}))
+    module = SoftPrompt(rec.cfg.soft_prompt.tokens, rec.backend.hidden_size, rec.trained.item_embeddings.shape[1], seed=0,
+                        user_token=prompt == "v4")
+    return trained_reranker(rec, module.state_arrays(), rec.trained.item_embeddings, rec.trained.tower)
+
+
+def _time(reranker, requests, warmup, repeats: int) -> tuple[float, list[float]]:
+    reranker.llm_scores(warmup)
+    passes = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        reranker.llm_scores(requests)
+        passes.append(len(requests) / (time.perf_counter() - start))
+    return statistics.median(passes), passes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="a fedrec train run folder on ml-latest-small")
+    parser.add_argument("--users", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-served", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("FEDREC_DATA_DIR", str(data_dir()))
+    rows, results = [], {}
+    for dtype in ("bfloat16", "float32"):
+        rec = _recommender(args.run, f"llm.dtype={dtype}")
+        requests = rec.rerank_requests(np.arange(args.users), "test")
+        warmup = rec.rerank_requests(np.arange(args.users, args.users + 4), "test")
+        for prompt in PROMPTS:
+            reranker = _rerankers(rec, prompt)
+            caches = (False, True) if prompt == "v4" else (False,)  # v1 has no soft prompt to cache; v2 as it ran before
+            for cache in caches:
+                rec.backend.prefix_cache = cache
+                speed, passes = _time(reranker, requests, warmup, args.repeats)
+                name = f"in-process {dtype}"
+                results[(name, prompt, cache)] = speed
+                rows.append([name, PROMPTS[prompt], "on" if cache else "off", f"{_slots_and_tokens(reranker, requests)}",
+                             f"{speed:.2f}", ", ".join(f"{p:.2f}" for p in passes)])
+                print(rows[-1], flush=True)
+    if not args.no_served:
+        from pipeline.llm.transformers_backend import resolve_model
+
+        model = resolve_model("SmolLM2-135M-Instruct", REPO / ".cache")
+        for dtype in ("float32", "bfloat16"):
+            with vllm_server(model, 8733, "--enable-prefix-caching", dtype=dtype) as url:
+                if url is None:
+                    rows.append([f"vLLM CPU server {dtype}", "—", "—", "—", "skipped: .venv-vllm absent (`make vllm-venv`)", "—"])
+                    break
+                rec = _recommender(args.run, "llm.backend=openai", f"llm.base_url={url}", f"llm.model={model}", "llm.concurrency=4",
+                                   "llm.timeout_s=300")
+                requests = rec.rerank_requests(np.arange(args.users), "test")
+                warmup = rec.rerank_requests(np.arange(args.users, args.users + 4), "test")
+                for prompt in ("v1", "v4"):
+                    reranker = _rerankers(rec, prompt)
+                    speed, passes = _time(reranker, requests, warmup, args.repeats)
+                    name = f"vLLM CPU server {dtype}"
+                    results[(name, prompt, True)] = speed
+                    rows.append([name, PROMPTS[prompt], "vLLM prefix caching", f"{_slots_and_tokens(reranker, requests)}",
+                                 f"{speed:.2f}", ", ".join(f"{p:.2f}" for p in passes)])
+                    print(rows[-1], flush=True)
+    table = markdown_table(["backend", "prompt", "prefix cache", "prompt tokens (median)", "users/s (median)", "passes users/s"], rows)
+    base = results.get(("in-process bfloat16", "v1", False))
+    best = results.get(("in-process bfloat16", "v4", True))
+    ratio = f" The compact prompt with the prefix cache reranks {best / base:.1f}× as many users per second as the zero-shot `rerank.v1` prompt in-process (bf16)." if base and best else ""
+    print(table)
+    update_results(
+        "bench:speed", "Reranking speed by prompt and backend (SmolLM2-135M-Instruct, 20 candidates)",
+        f"python benchmarks/bench_speed.py --run {args.run.relative_to(REPO) if args.run.is_absolute() else args.run} --users {args.users} "
+        f"--repeats {args.repeats}" + (" --no-served" if args.no_served else ""),
+        f"{args.users} ml-latest-small test users, the served top-20 of a trained tower run (`{args.run.name}`), one process, one "
+        f"prompt after another. Users/s is the throughput of `VerbalizerReranker.llm_scores` over all of them (in-process: batch 1; "
+        f"served: 4 requests in flight), the median of {args.repeats} passes after a warm-up on 4 other users. Prompt tokens count the "
+        f"text tokens plus the embedding slots (soft prompt, user and item tokens). Soft prompt and projectors are freshly initialised "
+        f"(speed does not depend on their values); accuracy is in the reranker table.{ratio}\n\n{table}",
+    )
+
+
+def _slots_and_tokens(reranker, requests) -> int:
+    """Median sequence length the LLM reads: text tokens plus soft-prompt and embedding-slot positions."""
+    builder, lengths = reranker.builder, []
+    for r in requests:
+        encoded = reranker.backend.encode(builder.build(r, builder.cfg.template), with_slot=reranker.soft_prompt is not None)
+        soft = reranker.soft_prompt.shape[0] if reranker.soft_prompt is not None else 0
+        lengths.append(len(encoded.ids) + soft + encoded.n_items)
+    return int(np.median(lengths))
+
+
+if __name__ == "__main__":
+    main()
