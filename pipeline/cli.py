@@ -154,7 +154,7 @@ def recommend(
     k: Annotated[int, typer.Option("-k", min=1, max=1000, help="How many items to show.")] = 10,
     split: SplitOpt = "test",
     rerank: Annotated[bool, typer.Option("--rerank/--no-rerank", help="Rerank the retrieved candidates with the LLM.")] = False,
-    explain: Annotated[bool, typer.Option("--explain/--no-explain", help="Generate a short explanation (with --rerank).")] = False,
+    explain: Annotated[bool, typer.Option("--explain/--no-explain", help="Explain the top 3 picks from their facts: nearest history items, shared genres, rank movement.")] = False,
     run: RunOpt = None,
 ) -> None:
     """Print a user's text profile and top-k recommendations (trained tower → the user's client FAISS index → LLM)."""
@@ -187,7 +187,7 @@ def _show_user(rec, user_index: int, k: int, split: str, *, rerank: bool = False
     console.print(table)
     if explain:
         with console.status("writing an explanation"):
-            note = rec.explain(raw_id, [r.title for r in results[:3]], split)
+            note = rec.explain(raw_id, results[:3], split)
         console.print(Panel(note, title="why these picks", expand=False))
 
 

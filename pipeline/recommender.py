@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from retrieval import Candidate, EmbeddingRetriever, ItemIndex, Query, Retriever
 if TYPE_CHECKING:
     import torch
 
+    from pipeline.explain import Explanation, Pick, Space
     from pipeline.llm.base import LLMBackend
     from pipeline.rerank import Reranker, RerankRequest
     from pipeline.trained import TrainedRun
@@ -351,8 +352,53 @@ class Recommender:
             for r, x in enumerate(ranked)
         ]
 
-    def explain(self, user_id: object, titles: list[str], split: SplitName = "test") -> str:
-        """A generated note on why `titles` suit the user."""
-        from pipeline.rerank import explain
+    def explanation_space(self) -> tuple[Space, np.ndarray]:
+        """The space picks are explained in, and its `(n_items, dim)` item vectors: the served run's tower, else the item texts."""
+        if self.trained is not None:
+            return "tower", self.trained.item_embeddings
+        return "text", self.item_vectors
 
-        return explain(self.backend, self.profile(self.dataset.user_index(user_id), split), titles, self.cfg.rerank)
+    def explain_picks(self, history: Sequence[int], picks: Sequence[Pick], *, mode: Literal["template", "llm"] | None = None) -> list[Explanation]:
+        """Each pick's grounded facts (nearest history items, shared genres, rank movement) and one sentence stating them.
+
+        Args:
+            history: the user's item indices, oldest first.
+            picks: the recommended items, best first.
+            mode: `template` or `llm` (default: `rerank.explain_mode`).
+        """
+        from pipeline.explain import explain_picks, pick_facts
+
+        space, vectors = self.explanation_space()
+        facts = pick_facts(self.dataset.catalog, vectors, space, history, picks)
+        mode = mode or self.cfg.rerank.explain_mode
+        if mode == "template":
+            return explain_picks(facts, mode)
+        return explain_picks(facts, mode, backend=self.backend, cfg=self.cfg.rerank, catalog=self.dataset.catalog)
+
+    def explain(self, user_id: object, picks: Sequence[Recommendation | str], split: SplitName = "test") -> str:
+        """Grounded sentences on why `picks` (from `recommend`, or their titles) suit the user, one per pick.
+
+        Raises:
+            DataError: `user_id` is not in the dataset.
+            RequestError: a title is not in the catalogue.
+        """
+        from pipeline.explain import Pick
+
+        cat = self.dataset.catalog
+        history = self.split.histories(split)[self.dataset.user_index(user_id)]
+        found: list[Pick] = []
+        by_label = {cat.label(i): i for i in range(len(cat))} if any(isinstance(p, str) for p in picks) else {}
+        for rank, p in enumerate(picks, start=1):
+            if isinstance(p, str):
+                if p not in by_label:
+                    raise RequestError("picks", f"title {p!r} is not in {self.dataset.name}; give titles as `recommend` prints them")
+                found.append(Pick(by_label[p], rank, reranked=None))
+            else:
+                item = cat.index_of(p.item_id)
+                if item is None:
+                    raise RequestError("picks", f"item id {p.item_id!r} is not in {self.dataset.name}; use ids from the catalogue")
+                found.append(Pick(item, p.rank, p.retrieval_rank, reranked=p.retrieval_rank is not None))
+        lines = []
+        for e in self.explain_picks(history.tolist(), found):
+            lines.append(e.sentence + (f" [{e.fallback}]" if e.fallback else ""))
+        return "\n".join(lines)

@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,10 +28,15 @@ from pipeline.errors import DataError, FedrecError, RequestError, check_id
 from pipeline.llm.base import LLMError
 from pipeline.recommender import Recommender
 
+if TYPE_CHECKING:
+    from pipeline.explain import Explanation
+
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 MAX_HISTORY = 500
 """Longest ad-hoc history a request may send."""
+EXPLAINED = 3
+"""Top picks explained per request."""
 MAX_BODY_BYTES = 256 * 1024
 """Largest request body accepted (a full 500-item history is about 25 KB); larger bodies get 413."""
 ItemId = Annotated[int | str, PlainValidator(check_id, json_schema_input_type=int | str)]
@@ -56,7 +61,7 @@ class RecommendRequest(BaseModel):
     k: StrictInt = Field(default=10, ge=1, le=50, description="How many items to return.")
     soft_prompt: bool = Field(default=False, description="Rerank with the trained soft prompt and item tokens of the loaded run.")
     fusion_weight: float | None = Field(default=None, ge=0, le=1, description="LLM weight in the fused score (None: configured/tuned).")
-    explain: bool = Field(default=True, description="Generate a short explanation of the top picks.")
+    explain: bool = Field(default=True, description="Explain the top picks from their facts (nearest history items, shared genres, rank movement).")
 
 
 class Item(BaseModel):
@@ -77,12 +82,33 @@ class Ranked(Item):
     moved: int = Field(description="Places gained (+) or lost (-) against the retrieval order.")
 
 
+class NearItem(Item):
+    similarity: float = Field(description="Cosine similarity to the pick in the explanation's space.")
+    shared_genres: list[str] = Field(description="Genres this history item and the pick both have in the catalogue.")
+
+
+class Explained(Item):
+    """One pick's grounded facts and the sentence shown for them."""
+
+    rank: int
+    retrieval_rank: int | None
+    moved: int | None = Field(description="Places gained (+) or lost (-) by reranking (None when not reranked).")
+    movement: str = Field(description="The rank movement in words.")
+    genres: list[str]
+    space: Literal["tower", "text"] = Field(description="Where the nearest history items were found: the trained tower or the item texts.")
+    nearest: list[NearItem] = Field(description="The history items closest to the pick, nearest first.")
+    sentence: str
+    source: Literal["template", "llm"] = Field(description="Who wrote the sentence: the fixed template or the LLM.")
+    fallback: str | None = Field(description="Why the LLM's sentence was replaced by the template (None when it was not).")
+
+
 class RecommendResponse(BaseModel):
     profile: str
     history: list[Item]
     candidates: list[Candidate]
     ranked: list[Ranked]
-    explanation: str | None
+    explanation: str | None = Field(description="The sentences of `explanations`, one per line (None when explanations are off).")
+    explanations: list[Explained] = Field(description="The top picks' grounded facts and sentences (empty when explanations are off).")
     soft_prompt: bool
     fusion_weight: float
     timings_ms: dict[str, float]
@@ -229,6 +255,13 @@ class Demo:
     def _item(self, i: int) -> dict[str, Any]:
         return {"item_id": self.rec.dataset.catalog.item_id(i), "title": self.rec.dataset.catalog.label(i)}
 
+    def _explained(self, e: Explanation) -> dict[str, Any]:
+        f = e.facts
+        return {**self._item(f.item), "rank": f.rank, "retrieval_rank": f.retrieval_rank, "moved": f.moved, "movement": f.movement,
+                "genres": list(f.genres), "space": f.space,
+                "nearest": [{**self._item(n.item), "similarity": n.similarity, "shared_genres": list(n.shared_genres)} for n in f.neighbours],
+                "sentence": e.sentence, "source": e.source, "fallback": e.fallback}
+
     def recommend(self, request: RecommendRequest) -> dict[str, Any]:
         """The whole pipeline for one history; runs on the worker pool."""
         timings: dict[str, float] = {}
@@ -252,13 +285,12 @@ class Demo:
         reranker = trained[0](weight) if trained else self._zero_shot(weight)
         ranked = reranker.rerank(rerank_request)[: request.k]
         timings["rerank"] = (time.perf_counter() - start) * 1000
-        explanation = None
+        explained: list[dict[str, Any]] = []
         if request.explain and ranked:
-            from pipeline.rerank import explain
+            from pipeline.explain import Pick
 
             start = time.perf_counter()
-            titles = [self.rec.dataset.catalog.label(x.item) for x in ranked[:3]]
-            explanation = explain(self.rec.backend, profile, titles, self.rec.cfg.rerank).strip()
+            explained = [self._explained(e) for e in self.rec.explain_picks(rerank_request.history, Pick.from_ranked(ranked[:EXPLAINED]))]
             timings["explain"] = (time.perf_counter() - start) * 1000
         return {
             "profile": profile,
@@ -267,7 +299,8 @@ class Demo:
             "ranked": [{**self._item(x.item), "rank": r + 1, "retrieval_rank": x.retrieval_rank + 1,
                         "llm_probability": float(math.exp(x.llm_score)) if self.rec.cfg.rerank.method == "verbalizer" else 0.0,
                         "score": float(x.score), "moved": x.retrieval_rank - r} for r, x in enumerate(ranked)],
-            "explanation": explanation, "soft_prompt": request.soft_prompt, "fusion_weight": float(weight), "timings_ms": timings,
+            "explanation": "\n".join(e["sentence"] for e in explained) if request.explain else None, "explanations": explained,
+            "soft_prompt": request.soft_prompt, "fusion_weight": float(weight), "timings_ms": timings,
         }
 
     async def submit(self, fn, *args):  # noqa: ANN001, ANN201 - run `fn` on the pool, bounded and timed

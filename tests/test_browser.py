@@ -1,7 +1,7 @@
 """The demo page in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium).
 
 Starts `fedrec serve` with the tiny config on a free port, builds a history through the search box,
-asks for recommendations, checks the ranked list and the explanation, toggles the trained soft
+asks for recommendations, checks the ranked list and each top pick's facts beside its sentence, toggles the trained soft
 prompt and saves screenshots under runs/test-artifacts/ (or $FEDREC_ARTIFACT_DIR).
 """
 
@@ -84,7 +84,16 @@ def test_build_a_history_recommend_and_toggle_the_soft_prompt(server: str, brows
 
     browser.find_element(By.ID, "recommend").click()
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#ranked li")) == 10)
-    wait.until(lambda d: d.find_element(By.ID, "explanation").text.strip() != "")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#explanation article.why")) == 3)
+    ranked_titles = [li.text.split("\n")[0] for li in browser.find_elements(By.CSS_SELECTOR, "#ranked li")]
+    for rank, card in enumerate(browser.find_elements(By.CSS_SELECTOR, "#explanation article.why"), start=1):
+        pick, sentence = card.find_element(By.CSS_SELECTOR, "h3 .pick").text, card.find_element(By.CSS_SELECTOR, ".sentence").text
+        assert pick.startswith(f"#{rank} ") and ranked_titles[rank - 1].startswith(pick.split(" ", 1)[1])
+        near = [b.text for b in card.find_elements(By.CSS_SELECTOR, ".facts li.near b")]
+        assert near and all(title in sentence for title in near), "the facts shown are the ones the sentence states"
+        assert "trained tower space" in card.find_element(By.CSS_SELECTOR, ".facts").text
+        assert card.find_element(By.CSS_SELECTOR, ".facts li.movement").text.startswith("ranking: ")
+        assert card.find_element(By.CSS_SELECTOR, ".source").text == "template"
     assert len(browser.find_elements(By.CSS_SELECTOR, "#candidates li")) == 20
     assert "zero-shot prompt" in browser.find_element(By.ID, "ranking-mode").text
     assert browser.find_element(By.ID, "profile").text.strip()

@@ -63,14 +63,28 @@ def test_recommend_for_an_existing_user(client: TestClient, demo: Demo) -> None:
     for r in ranked:
         assert r["item_id"] in by_id and by_id[r["item_id"]]["retrieval_rank"] == r["retrieval_rank"]
         assert r["moved"] == r["retrieval_rank"] - r["rank"] and 0 <= r["llm_probability"] <= 1
-    assert isinstance(result["explanation"], str) and set(result["timings_ms"]) == {"retrieve", "rerank", "explain"}
+    assert set(result["timings_ms"]) == {"retrieve", "rerank", "explain"}
+    explained = result["explanations"]
+    assert [e["item_id"] for e in explained] == [r["item_id"] for r in ranked[:3]]
+    assert result["explanation"] == "\n".join(e["sentence"] for e in explained)
+    cat = demo.rec.dataset.catalog
+    history = set(demo.rec.split.histories("test")[demo.rec.dataset.user_index(user)].tolist())
+    for e, r in zip(explained, ranked, strict=False):
+        assert e["space"] == "tower" and e["source"] == "template" and e["fallback"] is None
+        assert (e["rank"], e["retrieval_rank"], e["moved"]) == (r["rank"], r["retrieval_rank"], r["moved"]) and e["movement"]
+        pick = cat.index_of(e["item_id"])
+        assert e["genres"] == list(cat.genres[pick]) and e["nearest"]
+        for n in e["nearest"]:
+            near = cat.index_of(n["item_id"])
+            assert near in history and n["title"] in e["sentence"]
+            assert n["shared_genres"] == [g for g in cat.genres[pick] if g in cat.genres[near]]
 
 
 def test_recommend_for_an_ad_hoc_history_and_the_toggles(client: TestClient) -> None:
     liked = [item["item_id"] for q in ("toy story", "star wars", "fargo") for item in client.get("/api/items", params={"q": q}).json()[:1]]
     body = {"history": [{"item_id": i, "rating": 5} for i in liked], "k": 10, "explain": False}
     zero_shot = client.post("/api/recommend", json=body).json()
-    assert zero_shot["explanation"] is None and not zero_shot["soft_prompt"]
+    assert zero_shot["explanation"] is None and zero_shot["explanations"] == [] and not zero_shot["soft_prompt"]
     assert not {c["item_id"] for c in zero_shot["candidates"]} & set(liked)
     assert [h["item_id"] for h in zero_shot["history"]] == liked
     trained = client.post("/api/recommend", json={**body, "soft_prompt": True}).json()
@@ -78,6 +92,21 @@ def test_recommend_for_an_ad_hoc_history_and_the_toggles(client: TestClient) -> 
     assert not np.allclose([r["llm_probability"] for r in trained["ranked"]], [r["llm_probability"] for r in zero_shot["ranked"]])
     retrieval_order = client.post("/api/recommend", json={**body, "fusion_weight": 0.0}).json()
     assert retrieval_order["fusion_weight"] == 0.0 and all(r["moved"] == 0 for r in retrieval_order["ranked"])
+
+
+def test_llm_explanations_of_the_tiny_model_fall_back_to_the_template_and_say_so(demo: Demo) -> None:
+    cfg = demo.rec.cfg
+    llm = demo.rec.with_cfg(cfg.model_copy(update={"rerank": cfg.rerank.model_copy(update={"explain_mode": "llm"})}))
+    result = TestClient(create_app(Demo(llm, timeout_s=60))).post("/api/recommend", json={"user_id": 1, "k": 2}).json()
+    explained = result["explanations"]
+    assert len(explained) == 2 and all(e["source"] == "template" and "showing the template" in e["fallback"] for e in explained)
+    assert all(n["title"] in e["sentence"] for e in explained for n in e["nearest"])
+
+
+def test_explanations_without_a_run_use_the_text_space(demo: Demo) -> None:
+    bare = TestClient(create_app(Demo(Recommender(demo.rec.cfg, demo.rec.dataset, run=None), timeout_s=60)))
+    result = bare.post("/api/recommend", json={"user_id": 1, "k": 1}).json()
+    assert [e["space"] for e in result["explanations"]] == ["text"] and "text-embedding space" in result["explanation"]
 
 
 @pytest.mark.parametrize(("body", "status", "names"), [

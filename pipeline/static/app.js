@@ -88,6 +88,29 @@ function movedBadge(moved) {
   return el("span", { class: "moved same", title: "same place as retrieval" }, "=");
 }
 
+const SPACES = { tower: "trained tower space", text: "text-embedding space" };
+
+function nearFact(n, space) {
+  const genres = n.shared_genres.length ? `shares ${n.shared_genres.join(", ")}` : "no genre in common";
+  return el("li", { class: "near", "data-item": n.item_id }, "close to ", el("b", {}, n.title),
+    el("span", { class: "meta" }, ` (cosine ${n.similarity.toFixed(2)} in the ${SPACES[space]}; ${genres})`));
+}
+
+function renderExplanations(explanations, on) {
+  if (!on) { $("explanation").replaceChildren(el("p", { class: "hint" }, "(explanation off)")); return; }
+  $("explanation").replaceChildren(...explanations.map((e) => {
+    const facts = e.nearest.length ? e.nearest.map((n) => nearFact(n, e.space))
+      : [el("li", { class: "near" }, "no other history item to compare it with")];
+    if (e.movement) facts.push(el("li", { class: "movement" }, `ranking: ${e.movement}`));
+    const source = e.source === "llm" ? "phrased by the LLM" : "template";
+    return el("article", { class: "why", "data-item": e.item_id },
+      el("h3", {}, el("span", { class: "pick" }, `#${e.rank} ${e.title}`), el("span", { class: `source ${e.source}` }, source)),
+      el("ul", { class: "facts" }, ...facts),
+      el("p", { class: "sentence" }, e.sentence),
+      ...(e.fallback ? [el("p", { class: "hint fallback" }, `LLM fallback: ${e.fallback}`)] : []));
+  }));
+}
+
 function renderResult(result) {
   $("profile").textContent = result.profile;
   const t = result.timings_ms;
@@ -99,7 +122,7 @@ function renderResult(result) {
       el("span", { class: "meta" }, el("span", { class: "bar", style: `width:${Math.max(2, Math.round(r.llm_probability * 80))}px` }),
         `p=${r.llm_probability.toFixed(3)} · was #${r.retrieval_rank}`))));
   $("ranking-mode").textContent = `(${result.soft_prompt ? "trained soft prompt" : "zero-shot prompt"}, LLM weight ${result.fusion_weight.toFixed(2)})`;
-  $("explanation").textContent = result.explanation || "(explanation off)";
+  renderExplanations(result.explanations, result.explanation !== null);
   if ($("fusion-auto").checked) {
     $("fusion").value = result.fusion_weight;
     $("fusion-value").textContent = result.fusion_weight.toFixed(2);
