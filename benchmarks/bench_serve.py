@@ -1,4 +1,4 @@
-"""Demo server latency and throughput: one recommendation (retrieve + rerank 20 + explanation) over HTTP.
+"""Demo server latency and throughput: one recommendation (retrieve + rerank 20 + grounded explanations) over HTTP.
 
 Starts `fedrec serve` (SmolLM2-135M-Instruct) once with the in-process backend and once against the
 vLLM CPU server, sends sequential requests for latency, then bursts of simultaneous requests for
@@ -52,9 +52,9 @@ def _measure(url: str, users: list[int], requests: int, burst: int, repeats: int
     }
 
 
-def _serve(config: str, port: int, overrides: list[str], cache: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "pipeline.cli", "serve", "--config", config, "--port", str(port)]
-    # An empty output_dir: no trained run is found, so the section keeps measuring the zero-shot retrieval pipeline.
+def _serve(config: str, port: int, overrides: list[str], cache: str, run: Path | None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pipeline.cli", "serve", "--config", config, "--port", str(port), *(["--run", str(run)] if run else [])]
+    # Without --run, an empty output_dir: no trained run is found, and the zero-shot retrieval pipeline is measured.
     for override in [f"cache_dir={cache}", f"output_dir={tempfile.mkdtemp(prefix='fedrec-bench-serve-')}", *overrides]:
         command += ["--set", override]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--config", default="configs/ml-100k.yaml")
     parser.add_argument("--no-served", action="store_true")
+    parser.add_argument("--run", type=Path, default=None, help="a fedrec train run folder to serve (its tower retrieves)")
     args = parser.parse_args()
     os.environ["FEDREC_DATA_DIR"] = str(data_dir())
     cache = str(Path.home() / ".cache" / "fedrec")
@@ -87,7 +88,7 @@ def main() -> None:
             if url is None:
                 print("skipping the served row: .venv-vllm is absent (make vllm-venv)")
                 continue
-            server = _serve(args.config, 8742, [*overrides, f"llm.base_url={url}"] if url else overrides, cache)
+            server = _serve(args.config, 8742, [*overrides, f"llm.base_url={url}"] if url else overrides, cache, args.run)
             try:
                 wait_http("http://127.0.0.1:8742/api/status", server, timeout=600)
                 results[name] = _measure("http://127.0.0.1:8742", users, args.requests, args.burst, args.repeats)
@@ -100,14 +101,18 @@ def main() -> None:
     table = markdown_table(["backend", "latency median s", "latency p95 s", f"requests/s ({args.burst} at once)",
                             f"wall s for {args.burst}", "succeeded (worst burst)"], rows)
     print(table)
+    source = (f"with the tower of run `{args.run.name}` from each user's client FAISS index" if args.run
+              else "with zero-shot text retrieval (no run)")
     update_results(
         "bench:serve", "Demo server: one recommendation over HTTP",
-        f"python benchmarks/bench_serve.py --requests {args.requests} --burst {args.burst} --repeats {args.repeats} --config {args.config}",
+        f"python benchmarks/bench_serve.py --requests {args.requests} --burst {args.burst} --repeats {args.repeats} --config {args.config}"
+        + (f" --run {args.run}" if args.run else ""),
         f"`fedrec serve --config {args.config}` with SmolLM2-135M-Instruct; one request = profile + retrieval of 20 candidates + "
-        f"verbalizer rerank of the 20 + a generated explanation (up to {cfg.rerank.explain_max_tokens} tokens), for existing users. "
-        f"Latency: {args.requests} sequential requests after 2 warm-up ones (median, p95). Throughput: {args.burst} simultaneous "
-        f"requests, median over {args.repeats} bursts; the in-process server runs the model work one request at a time behind "
-        f"its queue, the served one keeps up to llm.concurrency={cfg.llm.concurrency} requests in flight to vLLM.\n\n{table}",
+        f"verbalizer rerank of the 20 + grounded explanations of the top 3 picks (`rerank.explain_mode={cfg.rerank.explain_mode}`), for "
+        f"existing users, retrieving {source}. Latency: {args.requests} sequential requests after 2 warm-up ones (median, p95). "
+        f"Throughput: {args.burst} simultaneous requests, median over {args.repeats} bursts; the in-process server runs the model "
+        f"work one request at a time behind its queue, the served one keeps up to llm.concurrency={cfg.llm.concurrency} requests in "
+        f"flight to vLLM.\n\n{table}",
     )
 
 

@@ -59,7 +59,7 @@ class RecommendRequest(BaseModel):
     user_id: ItemId | None = Field(default=None, description="An existing user id of the dataset.")
     history: list[HistoryItem] | None = Field(default=None, max_length=MAX_HISTORY, description="Liked items, oldest first.")
     k: StrictInt = Field(default=10, ge=1, le=50, description="How many items to return.")
-    soft_prompt: bool = Field(default=False, description="Rerank with the trained soft prompt and item tokens of the loaded run.")
+    soft_prompt: bool = Field(default=False, description="Rerank with the trained soft prompt and the user and item tokens of the loaded run.")
     fusion_weight: float | None = Field(default=None, ge=0, le=1, description="LLM weight in the fused score (None: configured/tuned).")
     explain: bool = Field(default=True, description="Explain the top picks from their facts (nearest history items, shared genres, rank movement).")
 
