@@ -22,8 +22,8 @@ items, and test targets among the 20% least-seen training items.
 Results go to runs/bench-rerank-tower/<variant>-seed<k>.json (several processes may run side by
 side, one thread each); `--report` rebuilds the table and the RESULTS.md section from them.
 
-Usage: python benchmarks/bench_rerank_tower.py --runs <run folder> [...] --seeds 0 [...] --variants user items
-       [--train-users 300] [--positions 2] [--epochs 2] [--valid-users 100] [--threads 1] [--report]
+Usage: python benchmarks/bench_rerank_tower.py --seeds 0 1 2 --variants tower user [--runs <run folder per seed>]
+       [--train-users 120] [--positions 2] [--epochs 2] [--valid-users 50] [--valid-eval-users 200] [--threads 1] [--report]
 """
 
 from __future__ import annotations
@@ -43,6 +43,19 @@ VARIANTS = {"tower": "tower order (FAISS top-20)", "zero-shot": "zero-shot text 
             "items": "+ item tokens", "user": "+ user token",
             "full-items": "the previous prompt (rerank.v2: profile, whole titles) + item tokens"}
 KEYS = ("R@10", "N@10", "MRR")
+
+
+def tower_run(seed: int, parser: argparse.ArgumentParser) -> Path:
+    """bench_tower's federated 10-IID-group run of `seed` (an argparse error when it has not been made)."""
+    from bench_tower import _rec
+
+    from pipeline.trained import run_dir
+
+    run = run_dir(_rec("iid", seed, REPO / ".cache"))
+    if not (run / "run.json").is_file():
+        parser.error(f"no finished tower run at {run}: run `python benchmarks/bench_tower.py --experiments iid --seeds {seed}` first, "
+                     "or pass the run folder")
+    return run
 
 
 def _recommender(run: Path):
@@ -227,7 +240,8 @@ def report() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=Path, nargs="+", help="fedrec train run folders, one per seed (in --seeds order)")
+    parser.add_argument("--runs", type=Path, nargs="+",
+                        help="fedrec train run folders, one per seed (in --seeds order); default: bench_tower's 10-IID-group run of each seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--train-users", type=int, default=300)
@@ -244,7 +258,9 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        if not args.runs or len(args.runs) != len(args.seeds):
+        if not args.runs:
+            args.runs = [tower_run(seed, parser) for seed in args.seeds]
+        if len(args.runs) != len(args.seeds):
             parser.error("give one --runs folder per --seeds value")
         if args.eval_users is None:
             log_command(OUT, "bench_rerank_tower.py", [a if not Path(a).is_absolute() else str(Path(a).relative_to(REPO)) for a in sys.argv[1:]])

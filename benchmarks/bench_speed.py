@@ -14,7 +14,7 @@ server from .venv-vllm once per dtype (prefix caching on, 4 requests in flight, 
 over chat prompt_embeds parts) and warm up on other users, so the timed prompts are not already
 cached. Each row is the median of `--repeats` passes.
 
-Usage: python benchmarks/bench_speed.py --run <fedrec train run folder> [--users 40] [--repeats 3] [--no-served]
+Usage: python benchmarks/bench_speed.py [--run <fedrec train run folder>] [--users 40] [--repeats 3] [--no-served]
 """
 
 from __future__ import annotations
@@ -71,12 +71,16 @@ def _time(reranker, requests, warmup, repeats: int) -> tuple[float, list[float]]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True, help="a fedrec train run folder on ml-latest-small")
+    parser.add_argument("--run", type=Path, default=None, help="a fedrec train run folder on ml-latest-small (default: bench_tower's IID run, seed 0)")
     parser.add_argument("--users", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-served", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("FEDREC_DATA_DIR", str(data_dir()))
+    if args.run is None:
+        from bench_rerank_tower import tower_run
+
+        args.run = tower_run(0, parser)
     rows, results = [], {}
     for dtype in ("bfloat16", "float32"):
         rec = _recommender(args.run, f"llm.dtype={dtype}")
