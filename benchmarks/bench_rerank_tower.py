@@ -212,7 +212,7 @@ def report() -> None:
                 slice_rows.append([name, part, runs[0]["rows"][f"{key}/test/{part}"]["users"],
                                    *(mean_sd(values(runs, f"{key}/test/{part}", k)) for k in ("R@10", "N@10"))])
         for r in runs:
-            if "training" in r:
+            if r.get("training"):
                 t = r["training"]
                 curve = "; ".join(f"{p['train_loss']:.3f} / {p['valid_loss']:.3f}" for p in t["curve"])
                 curves.append([VARIANTS[variant], r["seed"], t["examples"], t["valid_examples"], f"{t['loss_first']:.3f}", curve,
