@@ -232,7 +232,10 @@ def report() -> None:
         "the epoch with the lowest validation loss kept; chance loss is ln 20 = 3.00. Mean ± sd over seeds (each seed: its own "
         f"tower run, training users and init); users/s is the test reranking throughput (median over seeds). Test: all "
         f"{example['users']} users; validation (the fusion weight and the valid column): the first {example['rows']['llm/valid/all']['users']} "
-        "users.\n\n" + table + "\n\nSlices (short = ≤ 20 training items; rare = test target among the 20% least-seen "
+        "users. The budget is in the commands (users × positions, epochs; batch 8, Adam lr 1e-2): the largest tried here, "
+        "one torch thread per run with two runs side by side, so users/s here are not speeds (bench_speed measures those). "
+        "Below the tower at weight 1 and fusion settling at the tower (weights 0–0.1) with losses at or above chance: with this "
+        "budget the 135M model has not learned to rerank.\n\n" + table + "\n\nSlices (short = ≤ 20 training items; rare = test target among the 20% least-seen "
         "training items):\n\n" + slices + "\n\nTraining (loss of the target's label among 20):\n\n" + losses
     )
     update_results("bench:rerank-tower", "LLM reranker over the trained tower's candidates (ml-latest-small)", logged_commands(OUT), body)
