@@ -90,7 +90,7 @@ def main() -> None:
             reranker = _rerankers(rec, prompt)
             caches = (False, True) if prompt == "v4" else (False,)  # v1 has no soft prompt to cache; v2 as it ran before
             for cache in caches:
-                rec.backend.prefix_cache = cache
+                reranker.backend.prefix_cache = cache
                 speed, passes = _time(reranker, requests, warmup, args.repeats)
                 name = f"in-process {dtype}"
                 results[(name, prompt, cache)] = speed
