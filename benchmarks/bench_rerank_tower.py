@@ -58,14 +58,15 @@ def tower_run(seed: int, parser: argparse.ArgumentParser) -> Path:
     return run
 
 
-def _recommender(run: Path):
+def recommender(run: Path, *extra: str):
+    """The ml-latest-small recommender serving `run` (its tower shape and partition), bf16 LLM; `extra` overrides win."""
     from pipeline.config import load_config
     from pipeline.recommender import Recommender
 
     sections = json.loads((run / "run.json").read_text())["fingerprint"]["sections"]
     overrides = [f"cache_dir={REPO / '.cache'}", "llm.dtype=bfloat16", "eval.splits=[valid,test]",
                  *(f"tower.{k}={v}" for k, v in sections["tower"].items()),
-                 *(f"partition.{k}={v}" for k, v in sections["partition"].items())]
+                 *(f"partition.{k}={v}" for k, v in sections["partition"].items()), *extra]
     return Recommender.from_config(load_config(REPO / "configs" / "ml-latest-small.yaml", overrides), run=run)
 
 
@@ -141,7 +142,7 @@ def run_variant(run: Path, variant: str, seed: int, args) -> dict:
     from pipeline.evaluate import list_metrics
     from pipeline.rerank import choose_fusion_weight, fuse, order_by
 
-    rec = _recommender(run)
+    rec = recommender(run)
     users = np.arange(rec.dataset.n_users if args.eval_users is None else args.eval_users)
     chosen = {"valid": users[: args.valid_eval_users], "test": users}
     requests = {split: rec.rerank_requests(chosen[split], split) for split in ("valid", "test")}

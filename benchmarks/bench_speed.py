@@ -20,26 +20,16 @@ Usage: python benchmarks/bench_speed.py [--run <fedrec train run folder>] [--use
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_rerank_tower import recommender, tower_run
 from common import REPO, data_dir, markdown_table, update_results, vllm_server
 
 PROMPTS = {"v1": "rerank.v1 zero-shot", "v2": "rerank.v2 + soft prompt + item tokens", "v4": "rerank.v4 + soft prompt + user + item tokens"}
-
-
-def _recommender(run: Path, *extra: str):
-    from pipeline.config import load_config
-    from pipeline.recommender import Recommender
-
-    sections = json.loads((run / "run.json").read_text())["fingerprint"]["sections"]
-    overrides = [f"cache_dir={REPO / '.cache'}", *(f"tower.{k}={v}" for k, v in sections["tower"].items()),
-                 *(f"partition.{k}={v}" for k, v in sections["partition"].items()), *extra]
-    return Recommender.from_config(load_config(REPO / "configs" / "ml-latest-small.yaml", overrides), run=run)
 
 
 def _rerankers(rec, prompt: str):
@@ -78,12 +68,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("FEDREC_DATA_DIR", str(data_dir()))
     if args.run is None:
-        from bench_rerank_tower import tower_run
-
         args.run = tower_run(0, parser)
     rows, results = [], {}
     for dtype in ("bfloat16", "float32"):
-        rec = _recommender(args.run, f"llm.dtype={dtype}")
+        rec = recommender(args.run, f"llm.dtype={dtype}")
         requests = rec.rerank_requests(np.arange(args.users), "test")
         warmup = rec.rerank_requests(np.arange(args.users, args.users + 4), "test")
         for prompt in PROMPTS:
@@ -106,7 +94,7 @@ def main() -> None:
                 if url is None:
                     rows.append([f"vLLM CPU server {dtype}", "—", "—", "—", "skipped: .venv-vllm absent (`make vllm-venv`)", "—"])
                     break
-                rec = _recommender(args.run, "llm.backend=openai", f"llm.base_url={url}", f"llm.model={model}", "llm.concurrency=4",
+                rec = recommender(args.run, "llm.backend=openai", f"llm.base_url={url}", f"llm.model={model}", "llm.concurrency=4",
                                    "llm.timeout_s=300")
                 requests = rec.rerank_requests(np.arange(args.users), "test")
                 warmup = rec.rerank_requests(np.arange(args.users, args.users + 4), "test")
