@@ -55,7 +55,7 @@ bench: setup
 	$(PY) benchmarks/bench_simulation.py --rounds 2
 	$(PY) benchmarks/bench_rerank_tower.py --seeds 0 1 2 --variants tower user
 	$(PY) benchmarks/bench_rerank_tower.py --seeds 0 --variants zero-shot items
-	$(PY) benchmarks/bench_speed.py --users 24
+	$(PY) benchmarks/bench_speed.py --users 48
 	$(PY) benchmarks/bench_explain.py
 
 clean:
