@@ -111,13 +111,13 @@ def _train(rec, variant: str, args, seed: int):
 
 
 def _reranker(rec, variant: str, args, seed: int):
-    from pipeline.rerank import PromptBuilder, VerbalizerReranker
+    from pipeline.rerank import VerbalizerReranker, trained_prompt_builder
     from pipeline.trained import trained_reranker
 
     if variant == "zero-shot":
-        cfg = rec.cfg.rerank.model_copy(update={"template": rec.cfg.soft_prompt.template, "max_title_tokens": rec.cfg.soft_prompt.max_title_tokens,
-                                                "max_history_titles": rec.cfg.soft_prompt.max_history_titles})
-        return VerbalizerReranker(rec.backend, PromptBuilder(rec.backend, rec.dataset.catalog, cfg), fusion_weight=1.0), {}
+        builder = trained_prompt_builder(rec.backend, rec.dataset.catalog, rec.cfg.rerank, rec.cfg.soft_prompt, user_token=False)
+        builder.item_tokens = False  # the same compact prompt, text only
+        return VerbalizerReranker(rec.backend, builder, fusion_weight=1.0), {}
     module, builder, stats = _train(rec, variant, args, seed)
     if variant == "text":
         return VerbalizerReranker(rec.backend, builder, fusion_weight=1.0, soft_prompt=module.full_prompt().detach()), stats

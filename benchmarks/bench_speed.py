@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_rerank_tower import recommender, tower_run
+from bench_rerank_tower import builder_soft, recommender, tower_run
 from common import REPO, data_dir, markdown_table, update_results, vllm_server
 
 PROMPTS = {"v1": "rerank.v1 zero-shot", "v2": "rerank.v2 + soft prompt + item tokens", "v4": "rerank.v4 + soft prompt + user + item tokens"}
@@ -42,8 +42,7 @@ def _rerankers(rec, prompt: str):
         builder = PromptBuilder(rec.backend, rec.dataset.catalog, rec.cfg.rerank.model_copy(update={"template": "rerank.v1"}))
         return VerbalizerReranker(rec.backend, builder, fusion_weight=1.0)
     if prompt == "v2":
-        soft = {"template": "rerank.v2", "max_title_tokens": None, "max_history_titles": rec.cfg.rerank.max_history_titles, "user_token": False}
-        rec = rec.with_cfg(rec.cfg.model_copy(update={"soft_prompt": rec.cfg.soft_prompt.model_copy(update=soft)}))
+        rec = rec.with_cfg(rec.cfg.model_copy(update={"soft_prompt": builder_soft(rec)}))
     module = SoftPrompt(rec.cfg.soft_prompt.tokens, rec.backend.hidden_size, rec.trained.item_embeddings.shape[1], seed=0,
                         user_token=prompt == "v4")
     return trained_reranker(rec, module.state_arrays(), rec.trained.item_embeddings, rec.trained.tower)

@@ -26,13 +26,18 @@ def approx_tokens(text: str) -> int:
     return len(_TOKEN.findall(text))
 
 
+def top_genres(catalog: Catalog, items: Sequence[int], n: int) -> list[tuple[str, int]]:
+    """The `n` most frequent genres of `items` with their counts, most frequent first (ties alphabetical)."""
+    genres = Counter(g for i in items for g in catalog.genres[i])
+    return sorted(genres.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
 def _facts(
     history: Sequence[int], catalog: Catalog, ratings: Sequence[float] | None, cfg: ProfileConfig, n_recent: int, n_rated: int
 ) -> dict:
     known = [int(i) for i in history if 0 <= int(i) < len(catalog)]
     unknown = len(history) - len(known)
-    genres = Counter(g for i in known for g in catalog.genres[i])
-    top = sorted(genres.items(), key=lambda kv: (-kv[1], kv[0]))[: cfg.top_genres]
+    top = top_genres(catalog, known, cfg.top_genres)
     recent = [
         {"label": catalog.label(i), "genres": list(catalog.genres[i][:3])}
         for i in reversed(known[-n_recent:])

@@ -101,12 +101,10 @@ class PromptBuilder:
         return self._titles[item]
 
     def top_genres(self, history: Sequence[int], n: int = 3) -> list[str]:
-        """The history's most frequent genres (ties alphabetical)."""
-        counts: dict[str, int] = {}
-        for item in history:
-            for genre in self.catalog.genres[item]:
-                counts[genre] = counts.get(genre, 0) + 1
-        return [g for g, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+        """The history's most frequent genres (ties alphabetical), as the text profile lists them."""
+        from pipeline.profile import top_genres
+
+        return [g for g, _ in top_genres(self.catalog, history, n)]
 
     def labels(self, n: int) -> list[str]:
         return prompts.labels_for(n, self.cfg.label_set)
