@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import REPO
 
@@ -20,6 +21,20 @@ def _port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _wait_until_up(port: int, proc: subprocess.Popen, log: Path, seconds: float = 120.0) -> None:
+    """Poll the SuperLink's health endpoint: a cold start can take longer than any fixed sleep."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"SuperLink not up after {seconds:.0f} s\n{log.read_text()}")
 
 
 def test_one_round_on_superlink_and_two_supernodes(tmp_path: Path, cache_dir: Path) -> None:
@@ -38,7 +53,7 @@ def test_one_round_on_superlink_and_two_supernodes(tmp_path: Path, cache_dir: Pa
 
     try:
         start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(link))
-        time.sleep(3)
+        _wait_until_up(link, procs[0], logs / "superlink.log")
         for i in range(2):
             start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(_port()),
                   "--node-config", f"partition-id={i} num-partitions=2")
