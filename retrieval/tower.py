@@ -202,7 +202,8 @@ class RetrievalTower(nn.Module):
         return self.item_embeddings().numpy().astype(np.float32)
 
     def top_candidates(self, histories: Sequence[Sequence[int]], n: int) -> tuple[torch.Tensor, list[list[Candidate]]]:
-        """Item embeddings `(n_items, dim)` and, per history, its `n` best-scoring unseen items (no gradient, no dropout)."""
+        """Item embeddings `(n_items, dim)` and, per history, its `n` best-scoring unseen items (no gradient, no dropout);
+        fewer when the history leaves fewer than `n` unseen."""
         queries = torch.as_tensor(self.encode(histories))
         items = torch.as_tensor(self.item_matrix())
         scores = queries @ items.T
@@ -210,7 +211,7 @@ class RetrievalTower(nn.Module):
         for row, history in enumerate(histories):
             ranked = scores[row].clone()
             ranked[torch.tensor(np.asarray(history, dtype=np.int64))] = -torch.inf
-            top = torch.topk(ranked, n)
+            top = torch.topk(ranked, min(n, int(torch.isfinite(ranked).sum())))
             out.append([Candidate(int(i), float(v)) for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)])
         return items, out
 

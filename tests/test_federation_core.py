@@ -186,3 +186,6 @@ def test_tower_candidates_are_deterministic_and_exclude_the_history() -> None:
     _, second = tower.top_candidates(histories, 5)
     assert first == second and tower.training
     assert all(not {c.item for c in found} & set(h.tolist()) for found, h in zip(first, histories, strict=True))
+    # A history that leaves fewer than n unseen items gets only those, never a seen one.
+    _, short = tower.top_candidates([np.arange(37)], 5)
+    assert sorted(c.item for c in short[0]) == [37, 38, 39]
