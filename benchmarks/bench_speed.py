@@ -6,10 +6,15 @@ indices) go through each prompt:
 - `rerank.v1`, zero-shot (the prompt of the earlier speed table: profile, 10 whole history titles);
 - `rerank.v2` + a soft prompt and item tokens (the trained reranker's prompt before this one);
 - `rerank.v4` + a soft prompt, a user token and item tokens (the compact prompt: 10-token titles,
-  the dominant genres instead of the profile), without and with the in-process prefix KV cache.
+  the dominant genres instead of the profile), without and with the in-process prefix KV cache;
+- `rerank.v4` at a lean budget: no history titles (the user token stands for the history) and
+  4-token candidate titles.
+
+In-process rows run at `llm.batch_size` 1 and 4 (a batch shares one prefix KV cache and is
+right-padded after it).
 
 Speed does not depend on the trained values, so the soft prompt and projectors are freshly
-initialised (seed 0). In-process rows use `llm.batch_size` 1; the served rows start the vLLM CPU
+initialised (seed 0). The served rows start the vLLM CPU
 server from .venv-vllm once per dtype (prefix caching on, 4 requests in flight, the compact prompt
 over chat prompt_embeds parts) and warm up on other users, so the timed prompts are not already
 cached. Each row is the median of `--repeats` passes, each over its own `--users / --repeats` users.
@@ -29,7 +34,10 @@ import numpy as np
 from bench_rerank_tower import builder_soft, recommender, tower_run
 from common import REPO, data_dir, markdown_table, update_results, vllm_server
 
-PROMPTS = {"v1": "rerank.v1 zero-shot", "v2": "rerank.v2 + soft prompt + item tokens", "v4": "rerank.v4 + soft prompt + user + item tokens"}
+PROMPTS = {"v1": "rerank.v1 zero-shot", "v2": "rerank.v2 + soft prompt + item tokens", "v4": "rerank.v4 + soft prompt + user + item tokens",
+           "v4-lean": "rerank.v4, no history titles, 4-token titles"}
+# In-process rows: (prompt, batch size, prefix cache). v1 has no soft prompt to cache; v2 as it ran before.
+IN_PROCESS = [("v1", 1, False), ("v2", 1, False), ("v4", 1, False), ("v4", 1, True), ("v4", 4, True), ("v4-lean", 1, True), ("v4-lean", 4, True)]
 
 
 def _rerankers(rec, prompt: str):
@@ -43,8 +51,11 @@ def _rerankers(rec, prompt: str):
         return VerbalizerReranker(rec.backend, builder, fusion_weight=1.0)
     if prompt == "v2":
         rec = rec.with_cfg(rec.cfg.model_copy(update={"soft_prompt": builder_soft(rec)}))
+    if prompt == "v4-lean":  # the user token stands for the history; candidates keep 4 title tokens and their item token
+        rec = rec.with_cfg(rec.cfg.model_copy(update={"soft_prompt": rec.cfg.soft_prompt.model_copy(update={
+            "max_history_titles": 0, "max_title_tokens": 4})}))
     module = SoftPrompt(rec.cfg.soft_prompt.tokens, rec.backend.hidden_size, rec.trained.item_embeddings.shape[1], seed=0,
-                        user_token=prompt == "v4")
+                        user_token=prompt.startswith("v4"))
     return trained_reranker(rec, module.state_arrays(), rec.trained.item_embeddings, rec.trained.tower)
 
 
@@ -76,17 +87,15 @@ def main() -> None:
         rec = recommender(args.run, f"llm.dtype={dtype}")
         requests = rec.rerank_requests(np.arange(args.users), "test")
         warmup = rec.rerank_requests(np.arange(args.users, args.users + 4), "test")
-        for prompt in PROMPTS:
+        for prompt, batch, cache in IN_PROCESS:
             reranker = _rerankers(rec, prompt)
-            caches = (False, True) if prompt == "v4" else (False,)  # v1 has no soft prompt to cache; v2 as it ran before
-            for cache in caches:
-                reranker.backend.prefix_cache = cache
-                speed, passes = _time(reranker, requests, warmup, args.repeats)
-                name = f"in-process {dtype}"
-                results[(name, prompt, cache)] = speed
-                rows.append([name, PROMPTS[prompt], "on" if cache else "off", f"{_slots_and_tokens(reranker, requests)}",
-                             f"{speed:.2f}", ", ".join(f"{p:.2f}" for p in passes)])
-                print(rows[-1], flush=True)
+            reranker.backend.prefix_cache, reranker.backend.batch_size = cache, batch
+            speed, passes = _time(reranker, requests, warmup, args.repeats)
+            name = f"in-process {dtype}"
+            results[(name, prompt, batch, cache)] = speed
+            rows.append([name, PROMPTS[prompt], batch, "on" if cache else "off", f"{_slots_and_tokens(reranker, requests)}",
+                         f"{speed:.2f}", ", ".join(f"{p:.2f}" for p in passes)])
+            print(rows[-1], flush=True)
     if not args.no_served:
         from pipeline.llm.transformers_backend import resolve_model
 
@@ -94,31 +103,33 @@ def main() -> None:
         for dtype in ("float32", "bfloat16"):
             with vllm_server(model, 8733, "--enable-prefix-caching", dtype=dtype) as url:
                 if url is None:
-                    rows.append([f"vLLM CPU server {dtype}", "—", "—", "—", "skipped: .venv-vllm absent (`make vllm-venv`)", "—"])
+                    rows.append([f"vLLM CPU server {dtype}", "—", "—", "—", "—", "skipped: .venv-vllm absent (`make vllm-venv`)", "—"])
                     break
                 rec = recommender(args.run, "llm.backend=openai", f"llm.base_url={url}", f"llm.model={model}", "llm.concurrency=4",
                                    "llm.timeout_s=300")
                 requests = rec.rerank_requests(np.arange(args.users), "test")
                 warmup = rec.rerank_requests(np.arange(args.users, args.users + 4), "test")
-                for prompt in ("v1", "v4"):
+                for prompt in ("v1", "v4", "v4-lean"):
                     reranker = _rerankers(rec, prompt)
                     speed, passes = _time(reranker, requests, warmup, args.repeats)
                     name = f"vLLM CPU server {dtype}"
-                    results[(name, prompt, True)] = speed
-                    rows.append([name, PROMPTS[prompt], "vLLM prefix caching", f"{_slots_and_tokens(reranker, requests)}",
+                    results[(name, prompt, 4, True)] = speed
+                    rows.append([name, PROMPTS[prompt], "4 in flight", "vLLM prefix caching", f"{_slots_and_tokens(reranker, requests)}",
                                  f"{speed:.2f}", ", ".join(f"{p:.2f}" for p in passes)])
                     print(rows[-1], flush=True)
-    table = markdown_table(["backend", "prompt", "prefix cache", "prompt tokens (median)", "users/s (median)", "passes users/s"], rows)
-    base = results.get(("in-process bfloat16", "v1", False))
-    best = results.get(("in-process bfloat16", "v4", True))
-    ratio = f" The compact prompt with the prefix cache reranks {best / base:.1f}× as many users per second as the zero-shot `rerank.v1` prompt in-process (bf16)." if base and best else ""
+    table = markdown_table(["backend", "prompt", "batch", "prefix cache", "prompt tokens (median)", "users/s (median)", "passes users/s"], rows)
+    base = results.get(("in-process bfloat16", "v1", 1, False))
+    ratio = "".join(f" {what}: {results[key] / base:.1f}× the users/s of the zero-shot `rerank.v1` prompt in-process (bf16, batch 1)."
+                    for what, key in (("`rerank.v4`, batch 1", ("in-process bfloat16", "v4", 1, True)),
+                                      ("`rerank.v4`, batch 4", ("in-process bfloat16", "v4", 4, True)),
+                                      ("The lean budget, batch 4", ("in-process bfloat16", "v4-lean", 4, True))) if base and key in results)
     print(table)
     update_results(
         "bench:speed", "Reranking speed by prompt and backend (SmolLM2-135M-Instruct, 20 candidates)",
         f"python benchmarks/bench_speed.py --run {args.run.relative_to(REPO) if args.run.is_absolute() else args.run} --users {args.users} "
         f"--repeats {args.repeats}" + (" --no-served" if args.no_served else ""),
         f"{args.users} ml-latest-small test users, the served top-20 of a trained tower run (`{args.run.name}`), one process, one "
-        f"prompt after another. Users/s is the throughput of `VerbalizerReranker.llm_scores` over all of them (in-process: batch 1; "
+        f"prompt after another. Users/s is the throughput of `VerbalizerReranker.llm_scores` over all of them (in-process: the batch column; "
         f"served: 4 requests in flight), the median of {args.repeats} passes over disjoint users after a warm-up on 4 other users. Prompt tokens count the "
         f"text tokens plus the embedding slots (soft prompt, user and item tokens). Soft prompt and projectors are freshly initialised "
         f"(speed does not depend on their values); accuracy is in the reranker table.{ratio}\n\n{table}",

@@ -153,7 +153,8 @@ class LLMConfig(_Section):
     device: str = "cpu"
     """Torch device for the in-process backend."""
     batch_size: int = Field(default=1, ge=1, le=4096)
-    """Prompts per in-process forward pass (1 is fastest on CPU: padded batches cost more than they save)."""
+    """Prompts per in-process forward pass. With the prefix cache a batch is right-padded after the shared start: 4
+    measured 1.03-1.15x the users/s of 1 on 2 CPU cores (benchmarks/bench_speed.py)."""
     prefix_cache: bool = True
     """In-process: compute the prompt's shared start (the chat header and the trained soft prompt) once and reuse its KV
     cache for every user; vLLM does the same with --enable-prefix-caching."""
