@@ -513,11 +513,15 @@ def _shown(value: Any) -> str:
 def reference_markdown() -> str:
     """The configuration reference as a Markdown table (kept in the README; a test checks it)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
+
+    def one_line(text: str | None) -> str:  # a wrapped field docstring stays in its table row
+        return " ".join((text or "").split())
+
     for section, field in FedrecConfig.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             for name, sub in annotation.model_fields.items():
-                rows.append(f"| `{section}.{name}` | `{_shown(sub.default)}` | {sub.description} |")
+                rows.append(f"| `{section}.{name}` | `{_shown(sub.default)}` | {one_line(sub.description)} |")
         else:
-            rows.append(f"| `{section}` | `{_shown(field.default)}` | {field.description} |")
+            rows.append(f"| `{section}` | `{_shown(field.default)}` | {one_line(field.description)} |")
     return "\n".join(rows)
