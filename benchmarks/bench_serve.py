@@ -24,27 +24,28 @@ from common import REPO, data_dir, markdown_table, update_results, vllm_server, 
 
 
 def _measure(url: str, users: list[int], requests: int, burst: int, repeats: int) -> dict[str, float]:
+    """Every request asks for another user: a repeated prompt would be answered from vLLM's prefix cache."""
     import httpx
 
     def body(i: int) -> dict:
-        return {"user_id": users[i % len(users)], "k": 10, "explain": True}
+        return {"user_id": users[i], "k": 10, "explain": True}
 
     with httpx.Client(timeout=600) as client:
         for i in range(2):  # warm-up: model loads, first-call allocations
             client.post(f"{url}/api/recommend", json=body(i)).raise_for_status()
         latencies = []
-        for i in range(requests):
+        for i in range(2, 2 + requests):
             start = time.perf_counter()
             client.post(f"{url}/api/recommend", json=body(i)).raise_for_status()
             latencies.append(time.perf_counter() - start)
 
-    async def one_burst() -> tuple[float, int]:
+    async def one_burst(first: int) -> tuple[float, int]:
         async with httpx.AsyncClient(timeout=600) as client:
             start = time.perf_counter()
-            replies = await asyncio.gather(*(client.post(f"{url}/api/recommend", json=body(i)) for i in range(burst)))
+            replies = await asyncio.gather(*(client.post(f"{url}/api/recommend", json=body(first + i)) for i in range(burst)))
             return time.perf_counter() - start, sum(r.status_code == 200 for r in replies)
 
-    bursts = [asyncio.run(one_burst()) for _ in range(repeats)]
+    bursts = [asyncio.run(one_burst(2 + requests + k * burst)) for k in range(repeats)]
     return {
         "latency_median_s": float(np.median(latencies)), "latency_p95_s": float(np.percentile(latencies, 95)),
         "burst_rps": float(np.median([burst / wall for wall, _ in bursts])), "burst_wall_s": float(np.median([w for w, _ in bursts])),
@@ -78,7 +79,10 @@ def main() -> None:
 
     cfg = load_config(REPO / args.config, [f"cache_dir={cache}"])
     rec = Recommender.from_config(cfg, run=None)
-    users = [int(u) for u in rec.dataset.user_ids[:: max(1, rec.dataset.n_users // 40)][:40]]
+    needed = 2 + args.requests + args.burst * args.repeats  # distinct users: warm-up, sequential, then each burst
+    if needed > rec.dataset.n_users:
+        parser.error(f"2 + --requests + --burst × --repeats = {needed} distinct users, but {args.config} has {rec.dataset.n_users}")
+    users = [int(u) for u in rec.dataset.user_ids[:: rec.dataset.n_users // needed][:needed]]
     results = {}
     setups = [("in-process (transformers, bf16 weights)", [], None)]
     if not args.no_served:
@@ -110,7 +114,7 @@ def main() -> None:
         f"`fedrec serve --config {args.config}` with SmolLM2-135M-Instruct; one request = profile + retrieval of 20 candidates + "
         f"verbalizer rerank of the 20 + grounded explanations of the top 3 picks (`rerank.explain_mode={cfg.rerank.explain_mode}`), for "
         f"existing users, retrieving {source}. Latency: {args.requests} sequential requests after 2 warm-up ones (median, p95). "
-        f"Throughput: {args.burst} simultaneous requests, median over {args.repeats} bursts; the in-process server runs the model "
+        f"Every request is for another user (a repeated prompt would be answered from vLLM's prefix cache). Throughput: {args.burst} simultaneous requests, median over {args.repeats} bursts; the in-process server runs the model "
         f"work one request at a time behind its queue, the served one keeps up to llm.concurrency={cfg.llm.concurrency} requests in "
         f"flight to vLLM.\n\n{table}",
     )
