@@ -14,10 +14,9 @@ In-process rows run at `llm.batch_size` 1 and 4 (a batch shares one prefix KV ca
 right-padded after it).
 
 Speed does not depend on the trained values, so the soft prompt and projectors are freshly
-initialised (seed 0). The served rows start the vLLM CPU
-server from .venv-vllm once per dtype (prefix caching on, 4 requests in flight, the compact prompt
-over chat prompt_embeds parts) and warm up on other users, so the timed prompts are not already
-cached. Each row is the median of `--repeats` passes, each over its own `--users / --repeats` users.
+initialised (seed 0). The served rows start the vLLM CPU server from .venv-vllm once per dtype
+(prefix caching on, 4 requests in flight, the compact prompt over chat prompt_embeds parts) and
+warm up on other users, so the timed prompts are not already cached. Each row is the median of `--repeats` passes, each over its own `--users / --repeats` users.
 
 Usage: python benchmarks/bench_speed.py [--run <fedrec train run folder>] [--users 40] [--repeats 3] [--no-served]
 """
