@@ -7,12 +7,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import REPO
+from conftest import REPO, running_server
 
 pytestmark = pytest.mark.flower_deploy
 
@@ -23,20 +21,6 @@ def _port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_until_up(port: int, proc: subprocess.Popen, log: Path, seconds: float = 120.0) -> None:
-    """Poll the SuperLink's health endpoint: a cold start can take longer than any fixed sleep."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).is_success:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"SuperLink not up after {seconds:.0f} s\n{log.read_text()}")
-
-
 def test_one_round_on_superlink_and_two_supernodes(tmp_path: Path, cache_dir: Path) -> None:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "PATH": f"{bin_dir}:{os.environ['PATH']}", "FEDREC_CACHE_DIR": str(cache_dir)}
@@ -45,6 +29,15 @@ def test_one_round_on_superlink_and_two_supernodes(tmp_path: Path, cache_dir: Pa
     (tmp_path / "flwr" / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
     logs = tmp_path / "logs"
     logs.mkdir()
+    # A cold start of the SuperLink can take longer than any fixed sleep: wait for its health endpoint.
+    superlink = [str(bin_dir / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                 "--port", str(link)]
+    with running_server("SuperLink", superlink, f"http://127.0.0.1:{link}/health", logs / "superlink.log", env, timeout=120):
+        _one_round(tmp_path, bin_dir, env, link, logs)
+
+
+def _one_round(tmp_path: Path, bin_dir: Path, env: dict[str, str], link: int, logs: Path) -> None:
+    """Two SuperNodes join the running SuperLink, and `flwr run` trains one round through them."""
     procs = []
 
     def start(name: str, *args: str) -> None:
@@ -52,8 +45,6 @@ def test_one_round_on_superlink_and_two_supernodes(tmp_path: Path, cache_dir: Pa
             procs.append(subprocess.Popen([str(bin_dir / args[0]), *args[1:]], env=env, stdout=log, stderr=subprocess.STDOUT))
 
     try:
-        start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(link))
-        _wait_until_up(link, procs[0], logs / "superlink.log")
         for i in range(2):
             start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(_port()),
                   "--node-config", f"partition-id={i} num-partitions=2")
