@@ -53,9 +53,9 @@ bench: setup
 	$(PY) benchmarks/bench_compress.py --codecs int8 touched-int8 rank8-int8 rank2-int8 --seeds 0
 	$(PY) benchmarks/bench_privacy.py --epsilons 1 2 4 8 16 inf --items text projection --cohort 61 --rounds 30
 	$(PY) benchmarks/bench_simulation.py --rounds 2
-	$(PY) benchmarks/bench_rerank_tower.py --seeds 0 1 2 --variants tower user
-	$(PY) benchmarks/bench_rerank_tower.py --seeds 0 --variants zero-shot items
-	$(PY) benchmarks/bench_speed.py --users 48
+	$(PY) benchmarks/bench_rerank_tower.py --seeds 0 1 2 --variants tower zero-shot text items user --train-users 120 \
+		--valid-users 50 --positions 2 --epochs 2 --valid-eval-users 200 --threads 1
+	$(PY) benchmarks/bench_speed.py --users 24
 	$(PY) benchmarks/bench_explain.py
 
 clean:
