@@ -47,7 +47,6 @@ bench: setup
 	$(PY) benchmarks/bench_rerank.py
 	$(PY) benchmarks/bench_tower.py --experiments central iid noniid iid-id --seeds 0 1 2
 	$(PY) benchmarks/bench_tower.py --experiments device --seeds 0
-	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_scale.py --clients 10 100 610 10000 --rounds 1
 	$(PY) benchmarks/bench_compress.py --codecs fp32 sign --seeds 0 1 2
 	$(PY) benchmarks/bench_compress.py --codecs int8 touched-int8 rank8-int8 rank2-int8 --seeds 0
@@ -57,6 +56,8 @@ bench: setup
 		--valid-users 50 --positions 2 --epochs 2 --valid-eval-users 200 --threads 1
 	$(PY) benchmarks/bench_speed.py --users 24
 	$(PY) benchmarks/bench_explain.py
+# the demo server over the ml-100k tower run that bench_explain trained
+	$(PY) benchmarks/bench_serve.py --requests 8 --burst 8 --repeats 3 --run $$(ls -d runs/bench-explain/train-ml-100k-* | head -n 1)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache
