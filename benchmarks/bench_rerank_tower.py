@@ -139,33 +139,42 @@ def _masks(rec) -> dict[str, np.ndarray]:
 
 
 def run_variant(run: Path, variant: str, seed: int, args) -> dict:
-    from pipeline.evaluate import list_metrics
-    from pipeline.rerank import choose_fusion_weight, fuse, order_by
-
     rec = recommender(run)
     users = np.arange(rec.dataset.n_users if args.eval_users is None else args.eval_users)
     chosen = {"valid": users[: args.valid_eval_users], "test": users}
     requests = {split: rec.rerank_requests(chosen[split], split) for split in ("valid", "test")}
     out: dict = {"run": run.name, "variant": variant, "seed": seed, "users": len(users)}
     if variant == "tower":
+        return {**out, **scored_rows(rec, chosen, requests, None)}
+    reranker, stats = _reranker(rec, variant, args, seed)
+    out["training"] = stats
+    return {**out, **scored_rows(rec, chosen, requests, lambda reqs: reranker.llm_scores(reqs), label=f"{variant} seed {seed}")}
+
+
+def scored_rows(rec, chosen: dict[str, np.ndarray], requests: dict[str, list], llm_scores, *, label: str = "") -> dict:
+    """Metrics of the LLM order (`llm_scores(requests) → one score array per request`) and of its fusion with the tower
+    score at the weight chosen on validation, for all users and the slices; the tower order when `llm_scores` is None."""
+    from pipeline.evaluate import list_metrics
+    from pipeline.rerank import choose_fusion_weight, fuse, order_by
+
+    out: dict = {}
+    if llm_scores is None:
         llm = {split: [np.zeros(len(r.candidates)) for r in reqs] for split, reqs in requests.items()}
         weights = {"": 0.0}
     else:
-        reranker, stats = _reranker(rec, variant, args, seed)
-        out["training"] = stats
         llm, seconds = {}, {}
         for split, reqs in requests.items():
             start = time.perf_counter()
-            llm[split] = reranker.llm_scores(reqs)
+            llm[split] = llm_scores(reqs)
             seconds[split] = time.perf_counter() - start
-            print(f"  {variant} seed {seed}: {split} reranked, {len(reqs) / seconds[split]:.2f} users/s", flush=True)
-        out["users_per_s"] = len(users) / seconds["test"]
+            print(f"  {label}: {split} reranked, {len(reqs) / seconds[split]:.2f} users/s", flush=True)
+        out["users_per_s"] = len(requests["test"]) / seconds["test"]
         weight, table = choose_fusion_weight(requests["valid"], llm["valid"], rec.split.targets("valid")[chosen["valid"]], rec.cfg.rerank.fusion_grid)
         out["fusion_table"] = table
         weights = {"": 1.0, "fusion": weight}
-    masks = {k: m[users] for k, m in _masks(rec).items()}
+    masks = {k: m[chosen["test"]] for k, m in _masks(rec).items()}
     out["rows"] = {}
-    for label, w in weights.items():
+    for name, w in weights.items():
         for split, reqs in requests.items():
             targets = rec.split.targets(split)[chosen[split]]
             ranked = [[r.candidates[j].item for j in order_by(fuse(np.array([c.score for c in r.candidates]), s, w))]
@@ -173,8 +182,8 @@ def run_variant(run: Path, variant: str, seed: int, args) -> dict:
             for part, mask in masks.items() if split == "test" else {"all": np.ones(len(chosen["valid"]), bool)}.items():
                 picked = np.flatnonzero(mask)
                 m = list_metrics([ranked[i] for i in picked], targets[picked], [10, 20], rec.dataset.n_items)
-                out["rows"][f"{label or 'llm'}/{split}/{part}"] = {"users": len(picked), **{k: float(m[k]) for k in KEYS}}
-        if label == "fusion":
+                out["rows"][f"{name or 'llm'}/{split}/{part}"] = {"users": len(picked), **{k: float(m[k]) for k in KEYS}}
+        if name == "fusion":
             out["fusion_weight"] = w
     return out
 

@@ -75,7 +75,8 @@ def make_client_app(load: ClientLoader, mods: list | None = None) -> ClientApp:
             arrays = {"arrays": to_record(add(start, delta))}
         reply = RecordDict({
             **arrays,
-            "metrics": MetricRecord({EXAMPLES_KEY: int(examples), UNIT_KEY: 1, "loss": float(metrics["loss"]), "partition-id": partition}),
+            "metrics": MetricRecord({EXAMPLES_KEY: int(examples), UNIT_KEY: 1, "loss": float(metrics["loss"]), "partition-id": partition,
+                                     **({"soft_prompt_loss": float(metrics["soft_prompt_loss"])} if "soft_prompt_loss" in metrics else {})}),
         })
         return Message(reply, reply_to=msg)
 
@@ -165,7 +166,10 @@ def make_server_app(
                     else:
                         delta = delta_of(from_record(reply.content["arrays"]), server.state)
                         sent = delta
-                    result = ClientResult(client, delta, int(metrics[EXAMPLES_KEY]), {"loss": float(metrics["loss"])})
+                    losses = {"loss": float(metrics["loss"])}
+                    if "soft_prompt_loss" in metrics:
+                        losses["soft_prompt_loss"] = float(metrics["soft_prompt_loss"])
+                    result = ClientResult(client, delta, int(metrics[EXAMPLES_KEY]), losses)
                 except (KeyError, TypeError, ValueError) as exc:  # a malformed reply is a failed client, never a crash
                     failures.append({"node": node, "reason": f"malformed reply: {exc}"})
                     continue

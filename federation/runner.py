@@ -69,16 +69,16 @@ def client_loader(rec: Recommender, clients: list[np.ndarray]) -> Callable[[int]
     return load
 
 
-def _personal_tokens(rec: Recommender) -> Callable[[int], State] | None:
-    """partition → that client's newest personal tokens, when the run has them."""
+def personal_tokens(rec: Recommender, round_: int) -> Callable[[int], State] | None:
+    """partition → that client's personal tokens as they were after `round_` (the kept round), when the run has them."""
     if not rec.cfg.soft_prompt.personal_tokens:
         return None
-    return lambda partition: private_store(rec, partition).latest()
+    return lambda partition: private_store(rec, partition).load_before(round_ + 1)
 
 
 def private_store(rec: Recommender, partition: int, stem: str = "personal") -> PrivateStore:
     """Client `partition`'s folder for arrays that never leave it (on its own machine in a deployment)."""
-    return PrivateStore(run_dir(rec) / "clients" / f"{partition:05d}", stem)
+    return PrivateStore(run_dir(rec) / "clients" / f"{partition:05d}", stem, keep_all=stem == "personal")
 
 
 def train(rec: Recommender, *, resume: bool = False, progress: bool = False, grid: Any = None) -> dict[str, Any]:
@@ -176,8 +176,9 @@ def train(rec: Recommender, *, resume: bool = False, progress: bool = False, gri
         "bytes_down_per_client_round": int(np.mean([h["bytes_down"] / a for h, a in zip(per_round, asked, strict=True)])) if per_round else 0,
         "wall_seconds": time.perf_counter() - started,
     }
-    if rec.cfg.soft_prompt.enabled:
-        results["test_rerank"] = evaluate_rerank_served(served, "test", eval_users, clients, personal=_personal_tokens(rec))
+    rerank_users = eval_users[: rec.cfg.eval.rerank_max_users]
+    if rec.cfg.soft_prompt.enabled and len(rerank_users):
+        results["test_rerank"] = evaluate_rerank_served(served, "test", rerank_users, clients, personal=personal_tokens(rec, best))
     if server.accountant is not None:
         results.update(server.accountant.report(cfg.dp_delta))
     finish_run(rec, run, results)

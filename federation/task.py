@@ -90,6 +90,9 @@ class PrivateStore:
     folder: Path
     stem: str = "personal"
     """What the arrays are (file names `<stem>-r<round>.npz`): personal tokens, or the upload error carried over (`feedback`)."""
+    keep_all: bool = False
+    """Keep every round's file (personal tokens, a few KB each: the kept round's tokens go with the kept shared state);
+    otherwise only the newest earlier one survives a save (the carried upload error is as large as an update)."""
 
     def _files(self) -> dict[int, Path]:
         found = (re.fullmatch(rf"{self.stem}-r(\d+)\.npz", p.name) for p in self.folder.glob(f"{self.stem}-r*.npz"))
@@ -112,6 +115,8 @@ class PrivateStore:
 
         with atomic_path(self.folder / f"{self.stem}-r{round_:05d}.npz") as tmp, open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
+        if self.keep_all:
+            return
         files = self._files()
         earlier = [r for r in files if r < round_]
         for old in [r for r in earlier if r < max(earlier)]:  # keep the newest earlier file: a repeated round reads it
@@ -262,6 +267,9 @@ def review_round(server: ServerState, results: list[ClientResult], cfg: Federati
         report["update_norm_median"] = float(np.median([norms[r.client] for r in accepted]))
     losses = [r.metrics.get("loss", float("nan")) for r in accepted]
     report["train_loss"] = float(np.nanmean(losses)) if losses else float("nan")
+    soft = [r.metrics["soft_prompt_loss"] for r in accepted if "soft_prompt_loss" in r.metrics]
+    if soft:
+        report["soft_prompt_loss"] = float(np.mean(soft))
     if len(accepted) < cfg.min_clients:
         log.warning("round %d: %d valid updates, fewer than federation.min_clients=%d; global state kept", server.round, len(accepted), cfg.min_clients)
         report["applied"] = False

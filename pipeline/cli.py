@@ -331,8 +331,9 @@ def demo(
     k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Items per user.")] = 10,
     rerank_users: Annotated[int, typer.Option(min=1, max=1_000_000, help="Users in the LLM-rerank evaluation (valid tunes the fusion weight, test reports).")] = 40,
 ) -> None:
-    """The main job: federated training of the tower (reused when this config already has a run), a few users'
-    recommendations (tower → the user's client FAISS index → LLM rerank, with an explanation), then the evaluation."""
+    """The main job: federated training of the tower, and with `soft_prompt.enabled` of the reranker's soft prompt
+    (reused when this config already has a run), a few users' recommendations (tower → the user's client FAISS index →
+    LLM rerank, with an explanation), then the evaluation."""
     from federation.runner import train as run_training
     from pipeline.io import check_writable
     from pipeline.trained import find_run, load_trained, run_dir
@@ -350,8 +351,9 @@ def demo(
     else:
         resume = (folder / "checkpoint.npz").is_file()
         fed = cfg.federation
-        console.print(f"federated training: {cfg.partition.num_clients if cfg.partition.scheme == 'group' else stats['users']} clients, "
-                      f"up to {fed.rounds} rounds, patience {fed.patience}{' (resuming)' if resume else ''}")
+        what = "tower + reranker soft prompt" if cfg.soft_prompt.enabled else "tower"
+        console.print(f"federated training ({what}): {cfg.partition.num_clients if cfg.partition.scheme == 'group' else stats['users']} "
+                      f"clients, up to {fed.rounds} rounds, patience {fed.patience}{' (resuming)' if resume else ''}")
         start = time.perf_counter()
         results = run_training(rec, resume=resume, progress=True)
         console.print(f"trained in {time.perf_counter() - start:.0f} s: best round {results['best_round']} of {results['rounds']}, "
@@ -378,7 +380,7 @@ def _summary_table(retrieval: dict, reranked: dict) -> None:
     for column in ("model", "users", "R@10", "N@10", "R@20", "MRR"):
         table.add_column(column, justify="left" if column == "model" else "right")
     rows = [r for r in retrieval["rows"] if r["split"] == "test" and r["model"] != "random"]
-    rows += [{**r, "model": "tower order (same users)" if r["model"].startswith("retrieval") else f"tower + LLM {r['model']}"}
+    rows += [{**r, "model": "tower order (same users)" if r["model"].startswith("retrieval") else f"tower + LLM {r['model']}, {reranked['prompt']}"}
              for r in reranked["rows"] if r["split"] == "test"]
     for r in rows:
         table.add_row(r["model"], f"{r['users']:,}", *(_number(r[k]) if k in r else "—" for k in ("R@10", "N@10", "R@20", "MRR")))

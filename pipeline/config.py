@@ -350,6 +350,9 @@ class EvalConfig(_Section):
     """Negatives per user for the sampled track (HR@10/NDCG@10)."""
     max_users: int | None = Field(default=None, ge=1)
     """Evaluate only the first N users (None = all)."""
+    rerank_max_users: int | None = Field(default=None, ge=0)
+    """Users in the reranked test evaluation that ends a `fedrec train` with a soft prompt: the first N of the evaluated
+    users (an LLM pass each; 0 = skip it, None = all of them)."""
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     """Seed for the random baseline and negative sampling."""
     batch_size: int = Field(default=256, ge=1, le=65_536)

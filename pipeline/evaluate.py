@@ -343,7 +343,9 @@ def evaluate_rerank(rec: Recommender, *, progress: bool = False) -> dict:
             if w:
                 row["users_per_s"] = len(users) / seconds[split_name]
             rows.append(row)
-    return _report(rec, users, "rerank", rows, fusion_weight=weight, fusion_table=table, backend=rec.backend.describe())
+    trained = rec.trained is not None and rec.trained.has_soft_prompt and rec.cfg.rerank.method == "verbalizer"
+    prompt = f"trained soft prompt (round {rec.trained.best_round})" if trained else "zero-shot prompt"
+    return _report(rec, users, "rerank", rows, fusion_weight=weight, fusion_table=table, backend=rec.backend.describe(), prompt=prompt)
 
 
 def _listwise_scores(ranked: Sequence) -> np.ndarray:

@@ -78,8 +78,8 @@ def fingerprint(rec: Recommender) -> dict[str, Any]:
         "eval_users": cfg.eval.max_users,
     }
     if cfg.soft_prompt.enabled:
-        sections.update(profile=cfg.profile.model_dump(mode="json"), rerank=cfg.rerank.model_dump(mode="json"),
-                        num_candidates=cfg.retrieval.num_candidates)
+        sections.update(soft_prompt=cfg.soft_prompt.model_dump(mode="json"), profile=cfg.profile.model_dump(mode="json"),
+                        rerank=cfg.rerank.model_dump(mode="json"), num_candidates=cfg.retrieval.num_candidates)
     return {"sections": sections, "hash": _hash(sections)[:12]}
 
 

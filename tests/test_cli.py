@@ -117,14 +117,29 @@ def test_demo_runs_end_to_end(monkeypatch, capsys, tmp_path: Path, tiny_llama: P
             "--set", "tower.layers=1"]
     code, out = run(monkeypatch, capsys, *args)
     assert code == 0, out
-    assert "federated training: 4 clients" in out and "retrieval: trained tower" in out and "LLM ready" in out
+    assert "federated training (tower): 4 clients" in out and "retrieval: trained tower" in out and "LLM ready" in out
     assert out.count("text profile") == 2 and out.count("(reranked)") == 2 and out.count("why these picks") == 1
     summary = out[out.rindex("test, full ranking"):]
-    for row in ("popularity", "text:hybrid", "tower (run, round 1)", "tower order (same users)", "tower + LLM verbalizer"):
+    for row in ("popularity", "text:hybrid", "tower (run, round 1)", "tower order (same users)", "tower + LLM verbalizer, zero-shot prompt"):
         assert row in summary, row
     assert (tmp_path / "eval-ml-100k-retrieval.json").is_file()
     code, out = run(monkeypatch, capsys, *args)
     assert code == 0 and "trained run found" in out and "federated training" not in out
+
+
+def test_demo_trains_the_reranker_and_reports_it(monkeypatch, capsys, tmp_path: Path, tiny_llama: Path) -> None:
+    """What `make demo` runs (configs/ml-100k.yaml enables the soft prompt): the reranker trains with the tower, and the
+    demo's recommendations and summary use the run's trained soft prompt."""
+    args = ["demo", "-c", TINY, "--users", "1", "--rerank-users", "4", "--set", f"output_dir={tmp_path}", "--set", f"llm.model={tiny_llama}",
+            "--set", "rerank.fusion_weight=0.5", "--set", "federation.rounds=1", "--set", "tower.dim=16", "--set", "tower.max_len=10",
+            "--set", "tower.layers=1", "--set", "soft_prompt.enabled=true", "--set", "soft_prompt.tokens=2", "--set", "soft_prompt.users=1",
+            "--set", "eval.rerank_max_users=3", "--set", "rerank.max_history_titles=3", "--set", "profile.max_tokens=48"]
+    code, out = run(monkeypatch, capsys, *args)
+    assert code == 0, out
+    assert "federated training (tower + reranker soft prompt): 4 clients" in out
+    summary = out[out.rindex("test, full ranking"):]
+    assert "tower + LLM verbalizer, trained soft prompt (round 1)" in summary, summary
+    assert "zero-shot prompt" not in summary
 
 
 def test_recommend_with_rerank_and_explanation(monkeypatch, capsys, tiny_llama: Path) -> None:

@@ -190,16 +190,30 @@ def test_soft_prompt_and_projector_travel_with_the_tower(tmp_path: Path, tiny_ll
     assert state["soft/prompt"].shape == (4, rec.backend.hidden_size)
     assert results["history"][0]["accepted"] == 4
     assert results["history"][0]["bytes_up"] == 4 * results["state_bytes"]
+    assert 0.0 < results["history"][0]["soft_prompt_loss"] < 10.0, "the clients' mean soft-prompt loss reaches the round report"
     assert set(results["test_rerank"]) >= {"R@5", "N@10", "MRR"}
+    assert sum(c["users"] for c in results["test_rerank"]["by_client"]) == 12
+
+
+def test_the_reranked_test_check_after_training_is_budgeted(tmp_path: Path, tiny_llama: Path) -> None:
+    """eval.rerank_max_users bounds the LLM pass that ends a soft-prompt run (the first N evaluated users); 0 skips it."""
+    from federation.runner import train
+
+    common = ["federation.rounds=1", "soft_prompt.enabled=true", "soft_prompt.tokens=2", f"llm.model={tiny_llama}", "llm.dtype=float32",
+              "retrieval.num_candidates=6", "eval.max_users=12", "rerank.max_history_titles=3", "profile.max_tokens=48"]
+    few = train(_recommender(tmp_path / "few", *common, "eval.rerank_max_users=5"))
+    assert sum(c["users"] for c in few["test_rerank"]["by_client"]) == 5
+    assert few["eval_users"] == 12, "the tower's own evaluation keeps every evaluated user"
+    assert "test_rerank" not in train(_recommender(tmp_path / "none", *common, "eval.rerank_max_users=0"))
 
 
 def test_personal_tokens_stay_on_the_client(tmp_path: Path, tiny_llama: Path) -> None:
     """Personal tokens are trained next to the shared soft prompt, saved in each client's own folder, never uploaded,
     and used when that client's users are reranked; a repeated round starts from the same personal state."""
     from federation.checkpoint import load
-    from federation.runner import private_store, run_dir, train
+    from federation.runner import personal_tokens, private_store, run_dir, train
 
-    rec = _recommender(tmp_path, "soft_prompt.enabled=true", "soft_prompt.tokens=2", "soft_prompt.personal_tokens=3",
+    rec = _recommender(tmp_path, "soft_prompt.enabled=true", "soft_prompt.tokens=2", "soft_prompt.personal_tokens=3", "federation.rounds=3",
                        f"llm.model={tiny_llama}", "llm.dtype=float32", "retrieval.num_candidates=6", "eval.max_users=12",
                        "rerank.max_history_titles=3", "profile.max_tokens=48")
     results = train(rec)
@@ -209,9 +223,13 @@ def test_personal_tokens_stay_on_the_client(tmp_path: Path, tiny_llama: Path) ->
     saved = [private_store(rec, p).latest()["personal/tokens"] for p in range(4)]
     assert all(t.shape == (3, rec.backend.hidden_size) for t in saved)
     assert not np.allclose(saved[0], saved[1])
-    assert sorted(p.name for p in private_store(rec, 0).folder.iterdir()) == ["personal-r00001.npz", "personal-r00002.npz"]
+    assert sorted(p.name for p in private_store(rec, 0).folder.iterdir()) == [f"personal-r0000{r}.npz" for r in (1, 2, 3)], "every round is kept"
     np.testing.assert_array_equal(private_store(rec, 0).load_before(2)["personal/tokens"],
                                   np.load(private_store(rec, 0).folder / "personal-r00001.npz")["personal/tokens"])
+    # the kept round's tokens go with the kept shared state, not the newest ones
+    for round_ in (1, 2):
+        np.testing.assert_array_equal(personal_tokens(rec, round_)(0)["personal/tokens"],
+                                      np.load(private_store(rec, 0).folder / f"personal-r{round_:05d}.npz")["personal/tokens"])
     by_client = results["test_rerank"]["by_client"]
     assert len(by_client) >= 2 and {c["client"] for c in by_client} <= {0, 1, 2, 3} and sum(c["users"] for c in by_client) == 12
     assert all(0.0 <= c["N@10"] <= 1.0 for c in by_client)

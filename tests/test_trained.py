@@ -191,3 +191,17 @@ def test_cli_evaluate_and_recommend_with_run(trained: tuple[Path, dict]) -> None
     assert "trained tower" in done.output and f"{results['test']['R@10']:.4f}".lstrip("0") in done.output
     done = runner.invoke(app, ["recommend", "-u", "1", "-c", str(TINY), *sets, "--run", str(out / "nope")])
     assert done.exit_code != 0 and "does not exist" in str(done.exception)
+
+
+def test_soft_prompt_settings_name_their_own_run_folder(tmp_path: Path) -> None:
+    """Two runs that differ only in their soft prompt (personal tokens, tokens, users per round) must not share a folder:
+    one would resume, serve or overwrite the other's arrays. Stopping rules still continue the same folder."""
+    from pipeline.trained import run_dir
+
+    soft = "soft_prompt.enabled=true"
+    folders = {run_dir(_rec(tmp_path, soft, *extra, run=None)) for extra in
+               ([], ["soft_prompt.personal_tokens=2"], ["soft_prompt.tokens=4"], ["soft_prompt.users=1"])}
+    assert len(folders) == 4
+    assert run_dir(_rec(tmp_path, soft, "federation.rounds=7", "federation.patience=2", run=None)) == run_dir(_rec(tmp_path, soft, run=None))
+    assert run_dir(_rec(tmp_path, run=None)) == run_dir(_rec(tmp_path, "soft_prompt.tokens=4", run=None)), \
+        "a tower-only run does not depend on the unused soft-prompt settings"
