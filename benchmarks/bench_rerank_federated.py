@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 from bench_rerank_tower import KEYS, scored_rows
@@ -56,13 +55,10 @@ def run_variant(variant: str, seed: int, args) -> dict:
 
     rec = recommender(variant, seed, args)
     folder = run_dir(rec)
-    start = time.perf_counter()
     if not (folder / "run.json").is_file():
         runner.train(rec, resume=(folder / "checkpoint.npz").is_file(), progress=True)
-    trained_minutes = (time.perf_counter() - start) / 60
     run = load_trained(folder, rec)
     served = rec.with_run(run)
-    manifest = json.loads((folder / "run.json").read_text())
     users = np.arange(10 if args.smoke else rec.dataset.n_users)
     chosen = {"valid": users[: args.valid_eval_users], "test": users}
     requests = {split: served.rerank_requests(chosen[split], split) for split in ("valid", "test")}
@@ -82,10 +78,7 @@ def run_variant(variant: str, seed: int, args) -> dict:
                 scores[i] = s
         return scores
 
-    history = manifest.get("results", manifest).get("history", [])
     out = {"run": folder.name, "variant": variant, "seed": seed, "users": len(users), "best_round": run.best_round,
-           "rounds": len(history), "train_minutes": trained_minutes,
-           "soft_prompt_loss": [h.get("soft_prompt_loss") for h in history],
            "tower": scored_rows(served, chosen, requests, None)}
     out.update(scored_rows(served, chosen, requests, llm_scores, label=f"{variant} seed {seed}"))
     return out
@@ -119,18 +112,19 @@ def report() -> None:
                 slice_rows.append([label, s, (runs[0][part] if part else runs[0])["rows"][f"{key}/test/{s}"]["users"],
                                    *(mean_sd(values(runs, f"{key}/test/{s}", k, part)) for k in ("R@10", "N@10"))])
         for r in runs:
-            losses = [v for v in r["soft_prompt_loss"] if v is not None]
-            curve = ", ".join(f"{np.mean(losses[i:i + 10]):.2f}" for i in range(0, len(losses), 10))
-            runs_rows.append([name, r["seed"], r["run"], r["best_round"], r["rounds"], curve, f"{r['train_minutes']:.0f}"])
+            trained = json.loads((OUT / "runs" / r["run"] / "results.json").read_text())
+            losses = [h["soft_prompt_loss"] for h in trained["history"] if "soft_prompt_loss" in h]
+            curve = ", ".join(f"{np.mean(losses[i:i + 5]):.2f}" for i in range(0, len(losses), 5))
+            runs_rows.append([name, r["seed"], r["run"], r["best_round"], trained["rounds"], curve, f"{trained['seconds'] / 60:.0f}"])
     header = ["ranking", "seeds", "valid N@10", *(f"test {k}" for k in KEYS), "test N@10 / its tower (paired)", "fusion w (per seed)"]
     table, slices = markdown_table(header, rows), markdown_table(["ranking", "slice", "users", "test R@10", "test N@10"], slice_rows)
-    runs_table = markdown_table(["ranking", "seed", "run", "kept round", "rounds", "client soft-prompt loss, mean per 10 rounds",
+    runs_table = markdown_table(["ranking", "seed", "run", "kept round", "rounds", "clients' soft-prompt loss, mean per 5 rounds",
                                  "train min"], runs_rows)
     print(table, slices, runs_table, sep="\n\n")
     example = next(iter(saved.values()))[0]
     body = (
         "ml-latest-small, all 610 users. Each run is `fedrec train` of bench_tower's 10-IID-group tower recipe for "
-        f"{example['rounds']} rounds, with the soft prompt (20 tokens), item and user projectors trained in the same rounds on "
+        f"{json.loads((OUT / 'runs' / example['run'] / 'results.json').read_text())['rounds']} rounds, with the soft prompt (20 tokens), item and user projectors trained in the same rounds on "
         f"the clients and averaged by Flower (FedAvg); each round every client trains them on {example.get('sp_users', 1)} of "
         "its users (one example each: the history before a late training item → the round's tower top-20 → that item, "
         "inserted when missed; Adam lr 1e-2, fresh each round). The kept round is the tower's best validation round; the "
