@@ -380,13 +380,13 @@ def _summary_table(retrieval: dict, reranked: dict) -> None:
     for column in ("model", "users", "R@10", "N@10", "R@20", "MRR"):
         table.add_column(column, justify="left" if column == "model" else "right")
     rows = [r for r in retrieval["rows"] if r["split"] == "test" and r["model"] != "random"]
-    rows += [{**r, "model": "tower order (same users)" if r["model"].startswith("retrieval") else f"tower + LLM {r['model']}, {reranked['prompt']}"}
+    rows += [{**r, "model": "tower order (same users)" if r["model"].startswith("retrieval") else f"tower + {'trained' if 'trained' in reranked['prompt'] else 'zero-shot'} LLM {r['model']}"}
              for r in reranked["rows"] if r["split"] == "test"]
     for r in rows:
         table.add_row(r["model"], f"{r['users']:,}", *(_number(r[k]) if k in r else "—" for k in ("R@10", "N@10", "R@20", "MRR")))
     console.print(table)
-    console.print(f"rerank rows: the first {reranked['users']} test users (fusion weight tuned on their validation items); "
-                  "misses count as 0, so R@20 of the tower is their ceiling", style="dim")
+    console.print(f"rerank rows: the first {reranked['users']} test users, reranked with {reranked['prompt']} (fusion weight tuned "
+                  "on their validation items); misses count as 0, so R@20 of the tower is their ceiling", style="dim")
 
 
 @app.command()

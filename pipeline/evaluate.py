@@ -344,7 +344,7 @@ def evaluate_rerank(rec: Recommender, *, progress: bool = False) -> dict:
                 row["users_per_s"] = len(users) / seconds[split_name]
             rows.append(row)
     trained = rec.trained is not None and rec.trained.has_soft_prompt and rec.cfg.rerank.method == "verbalizer"
-    prompt = f"trained soft prompt (round {rec.trained.best_round})" if trained else "zero-shot prompt"
+    prompt = f"the run's trained soft prompt (round {rec.trained.best_round})" if trained else "the zero-shot prompt"
     return _report(rec, users, "rerank", rows, fusion_weight=weight, fusion_table=table, backend=rec.backend.describe(), prompt=prompt)
 
 

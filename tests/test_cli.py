@@ -120,7 +120,7 @@ def test_demo_runs_end_to_end(monkeypatch, capsys, tmp_path: Path, tiny_llama: P
     assert "federated training (tower): 4 clients" in out and "retrieval: trained tower" in out and "LLM ready" in out
     assert out.count("text profile") == 2 and out.count("(reranked)") == 2 and out.count("why these picks") == 1
     summary = out[out.rindex("test, full ranking"):]
-    for row in ("popularity", "text:hybrid", "tower (run, round 1)", "tower order (same users)", "tower + LLM verbalizer, zero-shot prompt"):
+    for row in ("popularity", "text:hybrid", "tower (run, round 1)", "tower order (same users)", "tower + zero-shot LLM verbalizer"):
         assert row in summary, row
     assert (tmp_path / "eval-ml-100k-retrieval.json").is_file()
     code, out = run(monkeypatch, capsys, *args)
@@ -138,8 +138,8 @@ def test_demo_trains_the_reranker_and_reports_it(monkeypatch, capsys, tmp_path: 
     assert code == 0, out
     assert "federated training (tower + reranker soft prompt): 4 clients" in out
     summary = out[out.rindex("test, full ranking"):]
-    assert "tower + LLM verbalizer, trained soft prompt (round 1)" in summary, summary
-    assert "zero-shot prompt" not in summary
+    assert "tower + trained LLM verbalizer" in summary and "reranked with the run's trained soft prompt (round 1)" in summary, summary
+    assert "zero-shot" not in summary
 
 
 def test_recommend_with_rerank_and_explanation(monkeypatch, capsys, tiny_llama: Path) -> None:
