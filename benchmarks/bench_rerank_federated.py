@@ -68,8 +68,7 @@ def run_variant(variant: str, seed: int, args) -> dict:
         client_of[members] = p
     rerankers = {p: run.reranker(served, personal=personal(p) if personal else None) for p in np.unique(client_of).tolist()}
 
-    def llm_scores(reqs):
-        split = next(s for s, r in requests.items() if r is reqs)
+    def llm_scores(split, reqs):
         owners = client_of[chosen[split]]
         scores: list = [None] * len(reqs)
         for p, reranker in rerankers.items():

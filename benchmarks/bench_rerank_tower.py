@@ -148,11 +148,11 @@ def run_variant(run: Path, variant: str, seed: int, args) -> dict:
         return {**out, **scored_rows(rec, chosen, requests, None)}
     reranker, stats = _reranker(rec, variant, args, seed)
     out["training"] = stats
-    return {**out, **scored_rows(rec, chosen, requests, lambda reqs: reranker.llm_scores(reqs), label=f"{variant} seed {seed}")}
+    return {**out, **scored_rows(rec, chosen, requests, lambda _, reqs: reranker.llm_scores(reqs), label=f"{variant} seed {seed}")}
 
 
 def scored_rows(rec, chosen: dict[str, np.ndarray], requests: dict[str, list], llm_scores, *, label: str = "") -> dict:
-    """Metrics of the LLM order (`llm_scores(requests) → one score array per request`) and of its fusion with the tower
+    """Metrics of the LLM order (`llm_scores(split, requests) → one score array per request`) and of its fusion with the tower
     score at the weight chosen on validation, for all users and the slices; the tower order when `llm_scores` is None."""
     from pipeline.evaluate import list_metrics
     from pipeline.rerank import choose_fusion_weight, fuse, order_by
@@ -165,7 +165,7 @@ def scored_rows(rec, chosen: dict[str, np.ndarray], requests: dict[str, list], l
         llm, seconds = {}, {}
         for split, reqs in requests.items():
             start = time.perf_counter()
-            llm[split] = llm_scores(reqs)
+            llm[split] = llm_scores(split, reqs)
             seconds[split] = time.perf_counter() - start
             print(f"  {label}: {split} reranked, {len(reqs) / seconds[split]:.2f} users/s", flush=True)
         out["users_per_s"] = len(requests["test"]) / seconds["test"]
