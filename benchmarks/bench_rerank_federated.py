@@ -83,6 +83,11 @@ def run_variant(variant: str, seed: int, args) -> dict:
     return out
 
 
+def _trained(result: dict) -> dict:
+    """The results.json of the `fedrec train` run behind a saved result (its config, rounds and per-round history)."""
+    return json.loads((OUT / "runs" / result["run"] / "results.json").read_text())
+
+
 def report() -> None:
     saved: dict[str, list[dict]] = {}
     for path in sorted(OUT.glob("*-seed?.json")):
@@ -111,7 +116,7 @@ def report() -> None:
                 slice_rows.append([label, s, (runs[0][part] if part else runs[0])["rows"][f"{key}/test/{s}"]["users"],
                                    *(mean_sd(values(runs, f"{key}/test/{s}", k, part)) for k in ("R@10", "N@10"))])
         for r in runs:
-            trained = json.loads((OUT / "runs" / r["run"] / "results.json").read_text())
+            trained = _trained(r)
             losses = [h["soft_prompt_loss"] for h in trained["history"] if "soft_prompt_loss" in h]
             curve = ", ".join(f"{np.mean(losses[i:i + 5]):.2f}" for i in range(0, len(losses), 5))
             runs_rows.append([name, r["seed"], r["run"], r["best_round"], trained["rounds"], curve, f"{trained['seconds'] / 60:.0f}"])
@@ -123,10 +128,12 @@ def report() -> None:
     example = next(iter(saved.values()))[0]
     body = (
         "ml-latest-small, all 610 users. Each run is `fedrec train` of bench_tower's 10-IID-group tower recipe for "
-        f"{json.loads((OUT / 'runs' / example['run'] / 'results.json').read_text())['rounds']} rounds, with the soft prompt (20 tokens), item and user projectors trained in the same rounds on "
+        f"{_trained(example)['rounds']} rounds, with the soft prompt (20 tokens), item and user projectors trained in the same rounds on "
         f"the clients and averaged by Flower (FedAvg); each round every client trains them on {example.get('sp_users', 1)} of "
-        "its users (one example each: the history before a late training item → the round's tower top-20 → that item, "
-        "inserted when missed; Adam lr 1e-2, fresh each round). The kept round is the tower's best validation round; the "
+        "its users (one example each: the history before its last training item → the round's tower top-20 → that item, "
+        "inserted when missed; Adam lr 1e-2, fresh each round). `personal`: "
+        f"{_trained(saved['personal'][0])['soft_prompt']['personal_tokens'] if 'personal' in saved else 0} personal tokens per client in front of the "
+        "shared prompt. The kept round is the tower's best validation round; the "
         "first row of each group is that run's own tower order, and the ratios are paired with it. bench_tower's runs go "
         "up to 200 rounds, so these towers are weaker than `bench:tower`'s. SmolLM2-135M-Instruct in-process, bf16 weights, "
         "fp32 label logits, prompt `rerank.v4`; validation (the fusion weight and the valid column): the first "
