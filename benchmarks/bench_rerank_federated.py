@@ -26,9 +26,9 @@ import os
 import sys
 
 import numpy as np
-from bench_rerank_tower import KEYS, scored_rows
+from bench_rerank_tower import KEYS, scored_rows, slice_rows, summary_cells
 from bench_tower import EXPERIMENTS
-from common import REPO, data_dir, log_command, logged_commands, markdown_table, mean_sd, update_results
+from common import REPO, data_dir, log_command, logged_commands, markdown_table, update_results
 
 OUT = REPO / "runs" / "bench-rerank-federated"
 VARIANTS = {"user": "federated: soft prompt + item tokens + user token", "personal": "federated: + personal tokens"}
@@ -96,32 +96,23 @@ def report() -> None:
     if not saved:
         print("no saved results under", OUT)
         return
-    rows, slice_rows, runs_rows = [], [], []
-
-    def values(runs, row, key, part=None):
-        return [(r[part] if part else r)["rows"][row][key] for r in runs]
-
+    rows, slices_, runs_rows = [], [], []
     for variant, name in VARIANTS.items():
         runs = sorted(saved.get(variant, []), key=lambda r: r["seed"])
         if not runs:
             continue
-        for key, label, part in (("llm", f"{name}: its tower's order", "tower"), ("llm", name, None), ("fusion", name + " + fusion", None)):
-            paired = [r[part or ""]["rows"]["llm/test/all"]["N@10"] if part else r["rows"][f"{key}/test/all"]["N@10"] for r in runs]
-            base = [r["tower"]["rows"]["llm/test/all"]["N@10"] for r in runs]
-            rows.append([label, len(runs), mean_sd(values(runs, f"{key}/valid/all", "N@10", part)),
-                         *(mean_sd(values(runs, f"{key}/test/all", k, part)) for k in KEYS),
-                         f"{np.mean(np.array(paired) / np.array(base)):.3f}×",
-                         ", ".join(f"{r['fusion_weight']:g}" for r in runs) if key == "fusion" else "—"])
-            for s in ("short", "rare"):
-                slice_rows.append([label, s, (runs[0][part] if part else runs[0])["rows"][f"{key}/test/{s}"]["users"],
-                                   *(mean_sd(values(runs, f"{key}/test/{s}", k, part)) for k in ("R@10", "N@10"))])
+        base = [r["tower"]["rows"]["llm/test/all"]["N@10"] for r in runs]
+        for key, label, results in (("llm", f"{name}: its tower's order", [r["tower"] for r in runs]), ("llm", name, runs),
+                                    ("fusion", name + " + fusion", runs)):
+            rows.append([label, *summary_cells(results, key, base)])
+            slices_ += slice_rows(label, results, key)
         for r in runs:
             trained = _trained(r)
             losses = [h["soft_prompt_loss"] for h in trained["history"] if "soft_prompt_loss" in h]
             curve = ", ".join(f"{np.mean(losses[i:i + 5]):.2f}" for i in range(0, len(losses), 5))
             runs_rows.append([name, r["seed"], r["run"], r["best_round"], trained["rounds"], curve, f"{trained['seconds'] / 60:.0f}"])
     header = ["ranking", "seeds", "valid N@10", *(f"test {k}" for k in KEYS), "test N@10 / its tower (paired)", "fusion w (per seed)"]
-    table, slices = markdown_table(header, rows), markdown_table(["ranking", "slice", "users", "test R@10", "test N@10"], slice_rows)
+    table, slices = markdown_table(header, rows), markdown_table(["ranking", "slice", "users", "test R@10", "test N@10"], slices_)
     runs_table = markdown_table(["ranking", "seed", "run", "kept round", "rounds", "clients' soft-prompt loss, mean per 5 rounds",
                                  "train min"], runs_rows)
     print(table, slices, runs_table, sep="\n\n")

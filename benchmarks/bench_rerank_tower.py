@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -138,8 +139,10 @@ def _masks(rec) -> dict[str, np.ndarray]:
     return {"all": np.ones(rec.dataset.n_users, bool), "short": np.array([len(h) <= 20 for h in train]), "rare": rare[rec.split.targets("test")]}
 
 
-def run_variant(run: Path, variant: str, seed: int, args) -> dict:
-    rec = recommender(run)
+def run_variant(run: Path, variant: str, seed: int, args, overrides: Sequence[str] = ()) -> dict:
+    """One row's result: `variant` trained (seed `seed`) over `run`'s candidates and scored; `overrides` are config overrides
+    (e.g. another `soft_prompt.template`)."""
+    rec = recommender(run, *overrides)
     users = np.arange(rec.dataset.n_users if args.eval_users is None else args.eval_users)
     chosen = {"valid": users[: args.valid_eval_users], "test": users}
     requests = {split: rec.rerank_requests(chosen[split], split) for split in ("valid", "test")}
@@ -188,6 +191,24 @@ def scored_rows(rec, chosen: dict[str, np.ndarray], requests: dict[str, list], l
     return out
 
 
+def summary_cells(runs: list[dict], key: str, base: Sequence[float | None]) -> list[object]:
+    """A table row's cells for the `key` order (`llm` or `fusion`) of `runs` (one result per seed): seeds, valid N@10 and the
+    test KEYS (mean ± sd), the test N@10 paired with `base` (one N@10 per run, None = none; the mean of the ratios) and
+    the fusion weights."""
+    def values(row: str, k: str) -> list[float]:
+        return [r["rows"][row][k] for r in runs]
+
+    ratios = [r["rows"][f"{key}/test/all"]["N@10"] / b for r, b in zip(runs, base, strict=True) if b]
+    return [len(runs), mean_sd(values(f"{key}/valid/all", "N@10")), *(mean_sd(values(f"{key}/test/all", k)) for k in KEYS),
+            f"{np.mean(ratios):.3f}×" if ratios else "—", ", ".join(f"{r['fusion_weight']:g}" for r in runs) if key == "fusion" else "—"]
+
+
+def slice_rows(label: str, runs: list[dict], key: str) -> list[list[object]]:
+    """The slice table's rows (short histories, rare targets) for the `key` order of `runs`."""
+    return [[label, part, runs[0]["rows"][f"{key}/test/{part}"]["users"],
+             *(mean_sd([r["rows"][f"{key}/test/{part}"][k] for r in runs]) for k in ("R@10", "N@10"))] for part in ("short", "rare")]
+
+
 def report() -> None:
     saved: dict[str, list[dict]] = {}
     for path in sorted(OUT.glob("*-seed*.json")):
@@ -198,29 +219,17 @@ def report() -> None:
     if not saved:
         print("no saved results under", OUT)
         return
-    tower = saved.get("tower", [])
-
-    def values(runs, row, key):
-        return [r["rows"][row][key] for r in runs if row in r["rows"]]
-
-    rows, slice_rows, curves = [], [], []
+    tower = {r["seed"]: r["rows"]["llm/test/all"]["N@10"] for r in saved.get("tower", [])}
+    rows, slices_, curves = [], [], []
     for variant in VARIANTS:
         runs = sorted(saved.get(variant, []), key=lambda r: r["seed"])
         if not runs:
             continue
         labels = [("llm", VARIANTS[variant])] if variant == "tower" else [("llm", VARIANTS[variant]), ("fusion", VARIANTS[variant] + " + fusion")]
         for key, name in labels:
-            n10 = values(runs, f"{key}/test/all", "N@10")
-            base = {r["seed"]: r["rows"]["llm/test/all"]["N@10"] for r in tower}
-            paired = [v / base[r["seed"]] for r, v in zip(runs, n10, strict=True) if r["seed"] in base]
-            rows.append([name, len(runs), mean_sd(values(runs, f"{key}/valid/all", "N@10")),
-                         *(mean_sd(values(runs, f"{key}/test/all", k)) for k in KEYS),
-                         f"{np.mean(paired):.3f}×" if paired else "—",
-                         ", ".join(f"{r['fusion_weight']:g}" for r in runs) if key == "fusion" else "—",
+            rows.append([name, *summary_cells(runs, key, [tower.get(r["seed"]) for r in runs]),
                          f"{np.median([r['users_per_s'] for r in runs]):.2f}" if "users_per_s" in runs[0] else "—"])
-            for part in ("short", "rare"):
-                slice_rows.append([name, part, runs[0]["rows"][f"{key}/test/{part}"]["users"],
-                                   *(mean_sd(values(runs, f"{key}/test/{part}", k)) for k in ("R@10", "N@10"))])
+            slices_ += slice_rows(name, runs, key)
         for r in runs:
             if r.get("training"):
                 t = r["training"]
@@ -230,7 +239,7 @@ def report() -> None:
     lifts = [(row[0], row[6]) for row in rows if row[0] in (VARIANTS["user"], VARIANTS["items"])]
     header = ["ranking", "seeds", "valid N@10", *(f"test {k}" for k in KEYS), "test N@10 / tower (paired)", "fusion w (per seed)", "users/s"]
     table = markdown_table(header, rows)
-    slices = markdown_table(["ranking", "slice", "users", "test R@10", "test N@10"], slice_rows)
+    slices = markdown_table(["ranking", "slice", "users", "test R@10", "test N@10"], slices_)
     losses = markdown_table(["ranking", "seed", "train examples", "valid examples", "first batch loss", "per epoch: train / valid loss",
                              "kept epoch", "train min"], curves)
     print(table, slices, losses, sep="\n\n")

@@ -8,7 +8,8 @@ indices) go through each prompt:
 - `rerank.v4` + a soft prompt, a user token and item tokens (the compact prompt: 10-token titles,
   the dominant genres instead of the profile), without and with the in-process prefix KV cache;
 - `rerank.v4` at a lean budget: no history titles (the user token stands for the history) and
-  4-token candidate titles.
+  4-token candidate titles;
+- `rerank.v5`, the lean prompt: the user token and one item token per candidate, no titles at all.
 
 In-process rows run at `llm.batch_size` 1 and 4 (a batch shares one prefix KV cache and is
 right-padded after it).
@@ -34,9 +35,10 @@ from bench_rerank_tower import builder_soft, recommender, tower_run
 from common import REPO, data_dir, markdown_table, update_results, vllm_server
 
 PROMPTS = {"v1": "rerank.v1 zero-shot", "v2": "rerank.v2 + soft prompt + item tokens", "v4": "rerank.v4 + soft prompt + user + item tokens",
-           "v4-lean": "rerank.v4, no history titles, 4-token titles"}
+           "v4-lean": "rerank.v4, no history titles, 4-token titles", "v5": "rerank.v5 (user + item tokens, no titles)"}
 # In-process rows: (prompt, batch size, prefix cache). v1 has no soft prompt to cache; v2 as it ran before.
-IN_PROCESS = [("v1", 1, False), ("v2", 1, False), ("v4", 1, False), ("v4", 1, True), ("v4", 4, True), ("v4-lean", 1, True), ("v4-lean", 4, True)]
+IN_PROCESS = [("v1", 1, False), ("v2", 1, False), ("v4", 1, False), ("v4", 1, True), ("v4", 4, True), ("v4-lean", 1, True), ("v4-lean", 4, True),
+              ("v5", 1, True), ("v5", 4, True), ("v5", 8, True)]
 
 
 def _rerankers(rec, prompt: str):
@@ -53,8 +55,10 @@ def _rerankers(rec, prompt: str):
     if prompt == "v4-lean":  # the user token stands for the history; candidates keep 4 title tokens and their item token
         rec = rec.with_cfg(rec.cfg.model_copy(update={"soft_prompt": rec.cfg.soft_prompt.model_copy(update={
             "max_history_titles": 0, "max_title_tokens": 4})}))
+    if prompt == "v5":
+        rec = rec.with_cfg(rec.cfg.model_copy(update={"soft_prompt": rec.cfg.soft_prompt.model_copy(update={"template": "rerank.v5"})}))
     module = SoftPrompt(rec.cfg.soft_prompt.tokens, rec.backend.hidden_size, rec.trained.item_embeddings.shape[1], seed=0,
-                        user_token=prompt.startswith("v4"))
+                        user_token=prompt not in ("v1", "v2"))
     return trained_reranker(rec, module.state_arrays(), rec.trained.item_embeddings, rec.trained.tower)
 
 
@@ -108,7 +112,7 @@ def main() -> None:
                                    "llm.timeout_s=300")
                 requests = rec.rerank_requests(np.arange(args.users), "test")
                 warmup = rec.rerank_requests(np.arange(args.users, args.users + 4), "test")
-                for prompt in ("v1", "v4", "v4-lean"):
+                for prompt in ("v1", "v4", "v4-lean", "v5"):
                     reranker = _rerankers(rec, prompt)
                     speed, passes = _time(reranker, requests, warmup, args.repeats)
                     name = f"vLLM CPU server {dtype}"
@@ -121,7 +125,9 @@ def main() -> None:
     ratio = "".join(f" {what}: {results[key] / base:.1f}× the users/s of the zero-shot `rerank.v1` prompt in-process (bf16, batch 1)."
                     for what, key in (("`rerank.v4`, batch 1", ("in-process bfloat16", "v4", 1, True)),
                                       ("`rerank.v4`, batch 4", ("in-process bfloat16", "v4", 4, True)),
-                                      ("The lean budget, batch 4", ("in-process bfloat16", "v4-lean", 4, True))) if base and key in results)
+                                      ("The lean budget, batch 4", ("in-process bfloat16", "v4-lean", 4, True)),
+                                      ("`rerank.v5`, batch 4", ("in-process bfloat16", "v5", 4, True)),
+                                      ("`rerank.v5`, batch 8", ("in-process bfloat16", "v5", 8, True))) if base and key in results)
     print(table)
     update_results(
         "bench:speed", "Reranking speed by prompt and backend (SmolLM2-135M-Instruct, 20 candidates)",

@@ -110,6 +110,22 @@ def test_v4_puts_the_user_token_first_and_each_slot_on_its_own_line(backend: Tra
         PromptBuilder(backend, toy.catalog, RerankConfig(template="rerank.v3"), item_tokens=True, user_token=True).build(request, "rerank.v3")
 
 
+def test_v5_shows_each_candidate_by_its_item_token_alone(backend: TransformersBackend, toy) -> None:
+    """The lean prompt: no history and no titles, a letter line and a slot line per candidate; text-only it falls back to titles."""
+    from pipeline.llm.base import ITEM_SLOT
+
+    request = RerankRequest("p", (0, 1), tuple(Candidate(i, 0.0) for i in range(2, 5)))
+    lean = PromptBuilder(backend, toy.catalog, RerankConfig(template="rerank.v5"), item_tokens=True, user_token=True)
+    messages = lean.build(request, "rerank.v5")
+    user = messages[-1]["content"]
+    assert backend.encode(messages, with_slot=True).slots == ("soft", "item", "item", "item", "item")
+    assert f"Candidates:\n(A)\n{ITEM_SLOT}\n(B)\n{ITEM_SLOT}\n(C)\n{ITEM_SLOT}\nAnswer with one letter from A to C." in user
+    assert not any(toy.catalog.label(i) in user for i in range(5)), "no title, of the history or of a candidate"
+    assert backend.prompt_tokens(messages) < backend.prompt_tokens(_v4(backend, toy).build(request, "rerank.v4"))
+    text_only = PromptBuilder(backend, toy.catalog, RerankConfig(template="rerank.v5")).build(request, "rerank.v5")[-1]["content"]
+    assert all(f"({lab}) {toy.catalog.label(i)}\n" in text_only for lab, i in zip("ABC", range(2, 5), strict=True))
+
+
 def test_titles_are_cut_to_the_token_budget(backend: TransformersBackend, toy) -> None:
     builder = _v4(backend, toy, max_title_tokens=5)
     cut = 0

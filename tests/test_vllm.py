@@ -128,9 +128,12 @@ def test_too_many_logprobs_names_the_server_flag(served: OpenAIBackend) -> None:
         })
 
 
-def test_compact_prompt_with_user_and_item_tokens_scores_alike(local: TransformersBackend, served: OpenAIBackend, movielens_csv: Path) -> None:
-    """The trained reranker's prompt (`rerank.v4`: a user token, then an item token per candidate, each on its own line)
-    over vLLM's chat prompt_embeds parts scores like in-process, whose shared start comes from the prefix KV cache."""
+@pytest.mark.parametrize("template", ["rerank.v4", "rerank.v5"])
+def test_compact_prompt_with_user_and_item_tokens_scores_alike(local: TransformersBackend, served: OpenAIBackend, movielens_csv: Path,
+                                                               template: str) -> None:
+    """The trained reranker's prompts (`rerank.v4`: a user token, then an item token per candidate, each on its own line;
+    `rerank.v5`: the same without titles) over vLLM's chat prompt_embeds parts score like in-process, whose shared start
+    comes from the prefix KV cache."""
     from conftest import small_config
 
     from pipeline.config import RerankConfig
@@ -139,11 +142,11 @@ def test_compact_prompt_with_user_and_item_tokens_scores_alike(local: Transforme
     from retrieval import Candidate
 
     toy = load_dataset(small_config(movielens_csv).data, movielens_csv.parent / "cache")
-    builder = PromptBuilder(local, toy.catalog, RerankConfig(template="rerank.v4", max_title_tokens=6), item_tokens=True, user_token=True)
+    builder = PromptBuilder(local, toy.catalog, RerankConfig(template=template, max_title_tokens=6), item_tokens=True, user_token=True)
     rng = np.random.default_rng(0)
     requests = [RerankRequest("p", tuple(rng.permutation(toy.n_items)[:2].tolist()),
                               tuple(Candidate(int(i), 0.0) for i in rng.permutation(toy.n_items)[:3])) for _ in range(3)]
-    messages = [builder.build(r, "rerank.v4") for r in requests]
+    messages = [builder.build(r, template) for r in requests]
     soft = torch.randn(4, local.hidden_size, generator=torch.Generator().manual_seed(5))
     tokens = [torch.randn(4, local.hidden_size, generator=torch.Generator().manual_seed(k)) for k in range(3)]
     served.soft_prompt_transport = "chat"

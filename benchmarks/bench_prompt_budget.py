@@ -1,0 +1,113 @@
+"""Does a leaner prompt cost the trained reranker accuracy? Each prompt against today's, on the same users (ml-latest-small).
+
+For each seed, bench_rerank_tower's `user` row (soft prompt + item tokens + user token, trained centrally over a tower
+run's served top-20) is trained and scored once per prompt (`--prompts`), with everything else the same: the tower run,
+the training and validation users, their examples, the training budget and the initialisation. Prompts:
+
+- `v4`: `rerank.v4` at the product's budget (genres, 10 history titles, 10-token titles): today's prompt;
+- `v4-lean`: `rerank.v4` with no history titles and 4-token candidate titles;
+- `v5`: `rerank.v5`, the user token and one item token per candidate, no titles.
+
+Each prompt's test N@10 (all users) is divided by `v4`'s of the same seed (paired), for the LLM order and for its
+validation-tuned fusion with the tower. Speeds are bench_speed's (all prompts side by side in one run); this script runs one
+torch thread per process, so several seeds or prompts can run side by side. Results go to
+runs/bench-prompt-budget/<prompt>-seed<k>.json; `--report` rebuilds the table and the RESULTS.md section from them.
+
+Usage: python benchmarks/bench_prompt_budget.py --run <fedrec train run folder> --seeds 0 --prompts v4 v5
+       [--train-users 120] [--valid-users 50] [--positions 2] [--epochs 2] [--valid-eval-users 200] [--threads 1] [--report]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from bench_rerank_tower import run_variant, summary_cells
+from common import REPO, data_dir, log_command, logged_commands, markdown_table, update_results
+
+OUT = REPO / "runs" / "bench-prompt-budget"
+PROMPTS = {
+    "v4": ("rerank.v4: genres, 10 history titles, 10-token titles (today's)", []),
+    "v4-lean": ("rerank.v4: no history titles, 4-token titles", ["soft_prompt.max_history_titles=0", "soft_prompt.max_title_tokens=4"]),
+    "v5": ("rerank.v5: user and item tokens, no titles", ["soft_prompt.template=rerank.v5"]),
+}
+
+
+def report() -> None:
+    saved: dict[str, dict[int, dict]] = {}
+    for path in sorted(OUT.glob("*-seed*.json")):
+        result = json.loads(path.read_text())
+        if not result.get("eval_users_limited"):
+            saved.setdefault(result["prompt"], {})[result["seed"]] = result
+    if not saved:
+        print("no saved results under", OUT)
+        return
+    base = {seed: r["rows"] for seed, r in saved.get("v4", {}).items()}
+    rows, curves = [], []
+    for prompt, (name, _) in PROMPTS.items():
+        runs = [saved[prompt][s] for s in sorted(saved.get(prompt, {}))]
+        for key, label in (("llm", name), ("fusion", name + " + fusion")):
+            rows.append([label, *summary_cells(runs, key, [base.get(r["seed"], {}).get(f"{key}/test/all", {}).get("N@10") for r in runs])])
+        for r in runs:
+            t = r["training"]
+            curves.append([name, r["seed"], t["examples"], f"{t['loss_first']:.3f}",
+                           "; ".join(f"{p['train_loss']:.3f} / {p['valid_loss']:.3f}" for p in t["curve"]), t["best_epoch"], f"{t['minutes']:.1f}"])
+    header = ["prompt", "seeds", "valid N@10", "test R@10", "test N@10", "test MRR", "test N@10 / today's prompt (paired)", "fusion w (per seed)"]
+    table = markdown_table(header, rows)
+    losses = markdown_table(["prompt", "seed", "train examples", "first batch loss", "per epoch: train / valid loss", "kept epoch",
+                             "train min"], curves)
+    print(table, losses, sep="\n\n")
+    example = next(iter(next(iter(saved.values())).values()))
+    body = (
+        f"ml-latest-small, all {example['users']} test users, the served top-20 of one federated tower run (`{example['run']}`, "
+        "bench_rerank_federated's seed-0 run) reranked by SmolLM2-135M-Instruct in-process (bf16 weights, fp32 label logits). "
+        "Every prompt trains bench_rerank_tower's `user` row (20-token soft prompt, item and user projectors, trained centrally; "
+        "Adam lr 1e-2, batch 8, the epoch with the lowest validation loss kept) with the same users, examples and init for a "
+        "seed; seeds vary the training users and the init over the same tower. The ratio column divides each seed's test "
+        "N@10 by today's prompt's for the same seed and row (LLM order or fusion), then averages over seeds. Validation (the "
+        f"fusion weight and the valid column): the first {example['rows']['llm/valid/all']['users']} users. Speeds of these "
+        "prompts are in `bench:speed`.\n\n" + table + "\n\nTraining (loss of the target's label among 20; chance ln 20 = 3.00):\n\n" + losses
+    )
+    update_results("bench:prompt-budget", "Prompt budget against accuracy: the trained reranker, paired with today's prompt (ml-latest-small)",
+                   logged_commands(OUT), body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, help="a fedrec train run folder on ml-latest-small (its tower and client indices)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--prompts", nargs="+", choices=list(PROMPTS), default=list(PROMPTS))
+    parser.add_argument("--train-users", type=int, default=120)
+    parser.add_argument("--valid-users", type=int, default=50)
+    parser.add_argument("--positions", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--valid-eval-users", type=int, default=200, help="validation users reranked to choose the fusion weight")
+    parser.add_argument("--eval-users", type=int, default=None, help="evaluate only the first N users (a smoke run; not reported)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report", action="store_true", help="only rebuild the table and RESULTS.md from saved results")
+    args = parser.parse_args()
+    os.environ.setdefault("FEDREC_DATA_DIR", str(data_dir()))
+    if not args.report:
+        import torch
+
+        if args.run is None or not (args.run / "run.json").is_file():
+            parser.error("--run must be a finished `fedrec train` folder on ml-latest-small (e.g. one of bench_rerank_federated's runs)")
+        torch.set_num_threads(args.threads)
+        if args.eval_users is None:
+            log_command(OUT, "bench_prompt_budget.py", [a if not Path(a).is_absolute() else str(Path(a).relative_to(REPO)) for a in sys.argv[1:]])
+        for seed in args.seeds:
+            for prompt in args.prompts:
+                result = run_variant(args.run, "user", seed, args, overrides=PROMPTS[prompt][1])
+                result.update(prompt=prompt, eval_users_limited=args.eval_users is not None)
+                OUT.mkdir(parents=True, exist_ok=True)
+                name = f"{prompt}-seed{seed}" + ("-smoke" if args.eval_users is not None else "")
+                (OUT / f"{name}.json").write_text(json.dumps(result, indent=2))
+                print(prompt, seed, json.dumps({k: v for k, v in result["rows"].items() if k.endswith("test/all")}), flush=True)
+    report()
+
+
+if __name__ == "__main__":
+    main()
