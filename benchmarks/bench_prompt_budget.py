@@ -13,7 +13,7 @@ validation-tuned fusion with the tower. Speeds are bench_speed's (all prompts si
 torch thread per process, so several seeds or prompts can run side by side. Results go to
 runs/bench-prompt-budget/<prompt>-seed<k>.json; `--report` rebuilds the table and the RESULTS.md section from them.
 
-Usage: python benchmarks/bench_prompt_budget.py --run <fedrec train run folder> --seeds 0 --prompts v4 v5
+Usage: python benchmarks/bench_prompt_budget.py --seeds 0 1 2 --prompts v4 v5 [--run <fedrec train run folder>]
        [--train-users 120] [--valid-users 50] [--positions 2] [--epochs 2] [--valid-eval-users 200] [--threads 1] [--report]
 """
 
@@ -29,6 +29,7 @@ from bench_rerank_tower import run_variant, summary_cells
 from common import REPO, data_dir, log_command, logged_commands, markdown_table, update_results
 
 OUT = REPO / "runs" / "bench-prompt-budget"
+FEDERATED = REPO / "runs" / "bench-rerank-federated"
 PROMPTS = {
     "v4": ("rerank.v4: genres, 10 history titles, 10-token titles (today's)", []),
     "v4-lean": ("rerank.v4: no history titles, 4-token titles", ["soft_prompt.max_history_titles=0", "soft_prompt.max_title_tokens=4"]),
@@ -77,7 +78,8 @@ def report() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, help="a fedrec train run folder on ml-latest-small (its tower and client indices)")
+    parser.add_argument("--run", type=Path, help="a fedrec train run folder on ml-latest-small (its tower and client indices); "
+                        "default: bench_rerank_federated's `user` run of seed 0")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--prompts", nargs="+", choices=list(PROMPTS), default=list(PROMPTS))
     parser.add_argument("--train-users", type=int, default=120)
@@ -93,6 +95,8 @@ def main() -> None:
     if not args.report:
         import torch
 
+        if args.run is None and (FEDERATED / "user-seed0.json").is_file():
+            args.run = FEDERATED / "runs" / json.loads((FEDERATED / "user-seed0.json").read_text())["run"]
         if args.run is None or not (args.run / "run.json").is_file():
             parser.error("--run must be a finished `fedrec train` folder on ml-latest-small (e.g. one of bench_rerank_federated's runs)")
         torch.set_num_threads(args.threads)

@@ -12,10 +12,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Read before the session hides it from the code under test (see `_isolated_env`).
+_DATA_ENV = os.environ.get("FEDREC_DATA_DIR")
+
+
 def shared_data_dir() -> Path | None:
     """MovieLens copies beside the checkout (or $FEDREC_DATA_DIR), if present."""
-    env = os.environ.get("FEDREC_DATA_DIR")
-    for candidate in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
+    for candidate in ([Path(_DATA_ENV)] if _DATA_ENV else []) + [REPO.parent / "shared" / "data"]:
         if (candidate / "ml-latest-small" / "ratings.csv").is_file():
             return candidate
     return None
@@ -35,11 +38,15 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fedrec-cache")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> None:
-    monkeypatch.setenv("FEDREC_CACHE_DIR", str(cache_dir))
-    monkeypatch.delenv("FEDREC_DATA_DIR", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(cache_dir: Path) -> Iterator[None]:
+    """For the whole session, before any module's fixtures: the session cache, no $FEDREC_DATA_DIR (the tiny configs read
+    the ml-100k packaged with recbole, whatever the caller's shell exports), and no model hub."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDREC_CACHE_DIR", str(cache_dir))
+        patch.delenv("FEDREC_DATA_DIR", raising=False)
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -195,6 +195,7 @@ def test_soft_prompt_and_projector_travel_with_the_tower(tmp_path: Path, tiny_ll
     assert sum(c["users"] for c in results["test_rerank"]["by_client"]) == 12
 
 
+@pytest.mark.slow
 def test_the_reranked_test_check_after_training_is_budgeted(tmp_path: Path, tiny_llama: Path) -> None:
     """eval.rerank_max_users bounds the LLM pass that ends a soft-prompt run (the first N evaluated users); 0 skips it."""
     from federation.runner import train
@@ -207,6 +208,7 @@ def test_the_reranked_test_check_after_training_is_budgeted(tmp_path: Path, tiny
     assert "test_rerank" not in train(_recommender(tmp_path / "none", *common, "eval.rerank_max_users=0"))
 
 
+@pytest.mark.slow
 def test_personal_tokens_stay_on_the_client(tmp_path: Path, tiny_llama: Path) -> None:
     """Personal tokens are trained next to the shared soft prompt, saved in each client's own folder, never uploaded,
     and used when that client's users are reranked; a repeated round starts from the same personal state."""
@@ -305,9 +307,13 @@ def test_a_client_overstating_its_examples_is_weighted_down(tmp_path: Path, monk
     assert distance(bounded) < distance(believed)
 
 
-@pytest.mark.parametrize("extra", [[], ["federation.dp_adaptive=true", "federation.dp_target_quantile=0.5"], ["federation.dp_clip_on=client"],
-                                   ["federation.dp_clip_on=client", "federation.dp_adaptive=true"]],
-                         ids=["server-fixed", "server-adaptive", "client-fixed", "client-adaptive"])
+# One wrapper in the fast suite; the other three (about 50 s each) run with the slow tests.
+@pytest.mark.parametrize("extra", [
+    pytest.param([], id="server-fixed"),
+    pytest.param(["federation.dp_adaptive=true", "federation.dp_target_quantile=0.5"], id="server-adaptive", marks=pytest.mark.slow),
+    pytest.param(["federation.dp_clip_on=client"], id="client-fixed", marks=pytest.mark.slow),
+    pytest.param(["federation.dp_clip_on=client", "federation.dp_adaptive=true"], id="client-adaptive", marks=pytest.mark.slow),
+])
 def test_central_dp_runs_resume_exactly(tmp_path: Path, extra: list[str]) -> None:
     """Flower's DP wrappers (server- or client-side clipping, the latter through Flower's clipping mods) with seeded noise:
     3 rounds straight equal 1 round + resume; adaptive clipping moves its norm and the norm is restored on resume."""
