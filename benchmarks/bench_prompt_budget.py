@@ -6,14 +6,15 @@ the training and validation users, their examples, the training budget and the i
 
 - `v4`: `rerank.v4` at the product's budget (genres, 10 history titles, 10-token titles): today's prompt;
 - `v4-lean`: `rerank.v4` with no history titles and 4-token candidate titles;
-- `v5`: `rerank.v5`, the user token and one item token per candidate, no titles.
+- `v5`: `rerank.v5`, the user token and one item token per candidate, no titles;
+- `tower`: the tower's own order, no LLM (the same for every seed).
 
 Each prompt's test N@10 (all users) is divided by `v4`'s of the same seed (paired), for the LLM order and for its
-validation-tuned fusion with the tower. Speeds are bench_speed's (all prompts side by side in one run); this script runs one
+validation-tuned fusion with the tower, and by the tower order's. Speeds are bench_speed's (all prompts side by side in one run); this script runs one
 torch thread per process, so several seeds or prompts can run side by side. Results go to
 runs/bench-prompt-budget/<prompt>-seed<k>.json; `--report` rebuilds the table and the RESULTS.md section from them.
 
-Usage: python benchmarks/bench_prompt_budget.py --seeds 0 1 2 --prompts v4 v5 [--run <fedrec train run folder>]
+Usage: python benchmarks/bench_prompt_budget.py --seeds 0 1 2 --prompts tower v4 v5 [--run <fedrec train run folder>]
        [--train-users 120] [--valid-users 50] [--positions 2] [--epochs 2] [--valid-eval-users 200] [--threads 1] [--report]
 """
 
@@ -31,6 +32,7 @@ from common import REPO, data_dir, log_command, logged_commands, markdown_table,
 OUT = REPO / "runs" / "bench-prompt-budget"
 FEDERATED = REPO / "runs" / "bench-rerank-federated"
 PROMPTS = {
+    "tower": ("the tower's order (FAISS top-20, no LLM)", []),
     "v4": ("rerank.v4: genres, 10 history titles, 10-token titles (today's)", []),
     "v4-lean": ("rerank.v4: no history titles, 4-token titles", ["soft_prompt.max_history_titles=0", "soft_prompt.max_title_tokens=4"]),
     "v5": ("rerank.v5: user and item tokens, no titles", ["soft_prompt.template=rerank.v5"]),
@@ -47,16 +49,25 @@ def report() -> None:
         print("no saved results under", OUT)
         return
     base = {seed: r["rows"] for seed, r in saved.get("v4", {}).items()}
+    tower = next(iter(saved.get("tower", {}).values()), None)
+    tower_n10 = tower["rows"]["llm/test/all"]["N@10"] if tower else None
     rows, curves = [], []
     for prompt, (name, _) in PROMPTS.items():
         runs = [saved[prompt][s] for s in sorted(saved.get(prompt, {}))]
-        for key, label in (("llm", name), ("fusion", name + " + fusion")):
-            rows.append([label, *summary_cells(runs, key, [base.get(r["seed"], {}).get(f"{key}/test/all", {}).get("N@10") for r in runs])])
+        for key, label in (("llm", name), ("fusion", name + " + fusion")) if prompt != "tower" else (("llm", name),):
+            if not runs:
+                continue
+            cells = summary_cells(runs, key, [base.get(r["seed"], {}).get(f"{key}/test/all", {}).get("N@10") for r in runs])
+            to_tower = summary_cells(runs, key, [tower_n10] * len(runs))[5]
+            rows.append([label, *cells[:5], to_tower, *cells[5:]])
         for r in runs:
+            if prompt == "tower":
+                continue
             t = r["training"]
             curves.append([name, r["seed"], t["examples"], f"{t['loss_first']:.3f}",
                            "; ".join(f"{p['train_loss']:.3f} / {p['valid_loss']:.3f}" for p in t["curve"]), t["best_epoch"], f"{t['minutes']:.1f}"])
-    header = ["prompt", "seeds", "valid N@10", "test R@10", "test N@10", "test MRR", "test N@10 / today's prompt (paired)", "fusion w (per seed)"]
+    header = ["prompt", "seeds", "valid N@10", "test R@10", "test N@10", "test MRR", "test N@10 / tower order",
+              "test N@10 / today's prompt (paired)", "fusion w (per seed)"]
     table = markdown_table(header, rows)
     losses = markdown_table(["prompt", "seed", "train examples", "first batch loss", "per epoch: train / valid loss", "kept epoch",
                              "train min"], curves)
@@ -104,7 +115,7 @@ def main() -> None:
             log_command(OUT, "bench_prompt_budget.py", [a if not Path(a).is_absolute() else str(Path(a).relative_to(REPO)) for a in sys.argv[1:]])
         for seed in args.seeds:
             for prompt in args.prompts:
-                result = run_variant(args.run, "user", seed, args, overrides=PROMPTS[prompt][1])
+                result = run_variant(args.run, "tower" if prompt == "tower" else "user", seed, args, overrides=PROMPTS[prompt][1])
                 result.update(prompt=prompt, eval_users_limited=args.eval_users is not None)
                 OUT.mkdir(parents=True, exist_ok=True)
                 name = f"{prompt}-seed{seed}" + ("-smoke" if args.eval_users is not None else "")
