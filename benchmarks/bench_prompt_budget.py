@@ -81,7 +81,9 @@ def report() -> None:
         "seed; seeds vary the training users and the init over the same tower. The ratio column divides each seed's test "
         "N@10 by today's prompt's for the same seed and row (LLM order or fusion), then averages over seeds. Validation (the "
         f"fusion weight and the valid column): the first {example['rows']['llm/valid/all']['users']} users. Speeds of these "
-        "prompts are in `bench:speed`.\n\n" + table + "\n\nTraining (loss of the target's label among 20; chance ln 20 = 3.00):\n\n" + losses
+        "prompts are in `bench:speed`."
+        + ("" if base else " Today's prompt (`v4`) has no saved result yet, so the paired column is empty.")
+        + "\n\n" + table + "\n\nTraining (loss of the target's label among 20; chance ln 20 = 3.00):\n\n" + losses
     )
     update_results("bench:prompt-budget", "Prompt budget against accuracy: the trained reranker, paired with today's prompt (ml-latest-small)",
                    logged_commands(OUT), body)

@@ -129,7 +129,8 @@ def report() -> None:
         "up to 200 rounds, so these towers are weaker than `bench:tower`'s. SmolLM2-135M-Instruct in-process, bf16 weights, "
         "fp32 label logits, prompt `rerank.v4`; validation (the fusion weight and the valid column): the first "
         f"{example['rows']['llm/valid/all']['users']} users; chance loss ln 20 = 3.00. Central training of the same prompt "
-        "is in `bench:rerank-tower`.\n\n" + table + "\n\nSlices (short = ≤ 20 training items; rare = test target among the "
+        "is in `bench:rerank-tower`. Train min is wall time, measured while other benchmark processes shared the 2 cores, "
+        "so it is not a speed.\n\n" + table + "\n\nSlices (short = ≤ 20 training items; rare = test target among the "
         "20% least-seen training items):\n\n" + slices + "\n\nRuns:\n\n" + runs_table
     )
     update_results("bench:rerank-federated", "LLM reranker trained under federation (ml-latest-small, 10 IID groups)",

@@ -108,7 +108,8 @@ def main() -> None:
                 if url is None:
                     rows.append([f"vLLM CPU server {dtype}", "—", "—", "—", "—", "skipped: .venv-vllm absent (`make vllm-venv`)", "—"])
                     break
-                rec = recommender(args.run, "llm.backend=openai", f"llm.base_url={url}", f"llm.model={model}", "llm.concurrency=4",
+                # llm.model stays the run's (a run with a soft prompt is served only to its own LLM); the server names it by path
+                rec = recommender(args.run, "llm.backend=openai", f"llm.base_url={url}", f"llm.served_model={model}", "llm.concurrency=4",
                                    "llm.timeout_s=300")
                 requests = rec.rerank_requests(np.arange(args.users), "test")
                 warmup = rec.rerank_requests(np.arange(args.users, args.users + 4), "test")
