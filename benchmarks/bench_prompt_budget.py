@@ -26,16 +26,18 @@ import os
 import sys
 from pathlib import Path
 
-from bench_rerank_tower import run_variant, summary_cells
+from bench_rerank_tower import add_budget_arguments, run_variant, summary_cells
 from common import REPO, data_dir, log_command, logged_commands, markdown_table, update_results
 
 OUT = REPO / "runs" / "bench-prompt-budget"
 FEDERATED = REPO / "runs" / "bench-rerank-federated"
+BUDGETS = {"v4": {}, "v4-lean": {"max_history_titles": 0, "max_title_tokens": 4}, "v5": {"template": "rerank.v5"}}
+"""Each prompt's `soft_prompt` settings over the product's defaults (bench_speed times the same ones)."""
 PROMPTS = {
-    "tower": ("the tower's order (FAISS top-20, no LLM)", []),
-    "v4": ("rerank.v4: genres, 10 history titles, 10-token titles (today's)", []),
-    "v4-lean": ("rerank.v4: no history titles, 4-token titles", ["soft_prompt.max_history_titles=0", "soft_prompt.max_title_tokens=4"]),
-    "v5": ("rerank.v5: user and item tokens, no titles", ["soft_prompt.template=rerank.v5"]),
+    "tower": "the tower's order (FAISS top-20, no LLM)",
+    "v4": "rerank.v4: genres, 10 history titles, 10-token titles (today's)",
+    "v4-lean": "rerank.v4: no history titles, 4-token titles",
+    "v5": "rerank.v5: user and item tokens, no titles",
 }
 
 
@@ -52,7 +54,7 @@ def report() -> None:
     tower = next(iter(saved.get("tower", {}).values()), None)
     tower_n10 = tower["rows"]["llm/test/all"]["N@10"] if tower else None
     rows, curves = [], []
-    for prompt, (name, _) in PROMPTS.items():
+    for prompt, name in PROMPTS.items():
         runs = [saved[prompt][s] for s in sorted(saved.get(prompt, {}))]
         for key, label in (("llm", name), ("fusion", name + " + fusion")) if prompt != "tower" else (("llm", name),):
             if not runs:
@@ -95,14 +97,7 @@ def main() -> None:
                         "default: bench_rerank_federated's `user` run of seed 0")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--prompts", nargs="+", choices=list(PROMPTS), default=list(PROMPTS))
-    parser.add_argument("--train-users", type=int, default=120)
-    parser.add_argument("--valid-users", type=int, default=50)
-    parser.add_argument("--positions", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--valid-eval-users", type=int, default=200, help="validation users reranked to choose the fusion weight")
-    parser.add_argument("--eval-users", type=int, default=None, help="evaluate only the first N users (a smoke run; not reported)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--report", action="store_true", help="only rebuild the table and RESULTS.md from saved results")
+    add_budget_arguments(parser, train_users=120, valid_users=50, threads=1)
     args = parser.parse_args()
     os.environ.setdefault("FEDREC_DATA_DIR", str(data_dir()))
     if not args.report:
@@ -117,7 +112,8 @@ def main() -> None:
             log_command(OUT, "bench_prompt_budget.py", [a if not Path(a).is_absolute() else str(Path(a).relative_to(REPO)) for a in sys.argv[1:]])
         for seed in args.seeds:
             for prompt in args.prompts:
-                result = run_variant(args.run, "tower" if prompt == "tower" else "user", seed, args, overrides=PROMPTS[prompt][1])
+                overrides = [f"soft_prompt.{k}={v}" for k, v in BUDGETS.get(prompt, {}).items()]
+                result = run_variant(args.run, "tower" if prompt == "tower" else "user", seed, args, overrides=overrides)
                 result.update(prompt=prompt, eval_users_limited=args.eval_users is not None)
                 OUT.mkdir(parents=True, exist_ok=True)
                 name = f"{prompt}-seed{seed}" + ("-smoke" if args.eval_users is not None else "")

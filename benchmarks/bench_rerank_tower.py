@@ -260,20 +260,25 @@ def report() -> None:
     update_results("bench:rerank-tower", "LLM reranker over the trained tower's candidates (ml-latest-small)", logged_commands(OUT), body)
 
 
+def add_budget_arguments(parser: argparse.ArgumentParser, *, train_users: int, valid_users: int, threads: int) -> None:
+    """The options `run_variant` reads (training budget, evaluated users, threads) and `--report`."""
+    parser.add_argument("--train-users", type=int, default=train_users)
+    parser.add_argument("--valid-users", type=int, default=valid_users)
+    parser.add_argument("--positions", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--valid-eval-users", type=int, default=200, help="validation users reranked to choose the fusion weight")
+    parser.add_argument("--eval-users", type=int, default=None, help="evaluate only the first N users (a smoke run; not reported)")
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--report", action="store_true", help="only rebuild the tables and RESULTS.md from saved results")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, nargs="+",
                         help="fedrec train run folders, one per seed (in --seeds order); default: bench_tower's 10-IID-group run of each seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--train-users", type=int, default=300)
-    parser.add_argument("--valid-users", type=int, default=100)
-    parser.add_argument("--positions", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--valid-eval-users", type=int, default=200, help="validation users reranked to choose the fusion weight")
-    parser.add_argument("--eval-users", type=int, default=None, help="evaluate only the first N users (a smoke run; not reported)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--report", action="store_true", help="only rebuild the tables and RESULTS.md from saved results")
+    add_budget_arguments(parser, train_users=300, valid_users=100, threads=2)
     args = parser.parse_args()
     os.environ.setdefault("FEDREC_DATA_DIR", str(data_dir()))
     if not args.report:

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_prompt_budget import BUDGETS
 from bench_rerank_tower import builder_soft, recommender, tower_run
 from common import REPO, data_dir, markdown_table, update_results, vllm_server
 
@@ -52,11 +53,8 @@ def _rerankers(rec, prompt: str):
         return VerbalizerReranker(rec.backend, builder, fusion_weight=1.0)
     if prompt == "v2":
         rec = rec.with_cfg(rec.cfg.model_copy(update={"soft_prompt": builder_soft(rec)}))
-    if prompt == "v4-lean":  # the user token stands for the history; candidates keep 4 title tokens and their item token
-        rec = rec.with_cfg(rec.cfg.model_copy(update={"soft_prompt": rec.cfg.soft_prompt.model_copy(update={
-            "max_history_titles": 0, "max_title_tokens": 4})}))
-    if prompt == "v5":
-        rec = rec.with_cfg(rec.cfg.model_copy(update={"soft_prompt": rec.cfg.soft_prompt.model_copy(update={"template": "rerank.v5"})}))
+    if prompt in BUDGETS:  # the budgets bench_prompt_budget measures for accuracy
+        rec = rec.with_cfg(rec.cfg.model_copy(update={"soft_prompt": rec.cfg.soft_prompt.model_copy(update=BUDGETS[prompt])}))
     module = SoftPrompt(rec.cfg.soft_prompt.tokens, rec.backend.hidden_size, rec.trained.item_embeddings.shape[1], seed=0,
                         user_token=prompt not in ("v1", "v2"))
     return trained_reranker(rec, module.state_arrays(), rec.trained.item_embeddings, rec.trained.tower)
