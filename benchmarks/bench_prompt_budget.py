@@ -7,6 +7,7 @@ the training and validation users, their examples, the training budget and the i
 - `v4`: `rerank.v4` at the product's budget (genres, 10 history titles, 10-token titles): today's prompt;
 - `v4-lean`: `rerank.v4` with no history titles and 4-token candidate titles;
 - `v5`: `rerank.v5`, the user token and one item token per candidate, no titles;
+- `v6`: `rerank.v6`, `rerank.v5` with each candidate's bare letter (4 positions per candidate instead of 6);
 - `tower`: the tower's own order, no LLM (the same for every seed).
 
 Each prompt's test N@10 (all users) is divided by `v4`'s of the same seed (paired), for the LLM order and for its
@@ -30,15 +31,24 @@ from bench_rerank_tower import add_budget_arguments, run_variant, summary_cells
 from common import REPO, data_dir, log_command, logged_commands, markdown_table, update_results
 
 OUT = REPO / "runs" / "bench-prompt-budget"
-FEDERATED = REPO / "runs" / "bench-rerank-federated"
-BUDGETS = {"v4": {}, "v4-lean": {"max_history_titles": 0, "max_title_tokens": 4}, "v5": {"template": "rerank.v5"}}
+BUDGETS = {"v4": {}, "v4-lean": {"max_history_titles": 0, "max_title_tokens": 4}, "v5": {"template": "rerank.v5"},
+           "v6": {"template": "rerank.v6"}}
 """Each prompt's `soft_prompt` settings over the product's defaults (bench_speed times the same ones)."""
 PROMPTS = {
     "tower": "the tower's order (FAISS top-20, no LLM)",
     "v4": "rerank.v4: genres, 10 history titles, 10-token titles (today's)",
     "v4-lean": "rerank.v4: no history titles, 4-token titles",
     "v5": "rerank.v5: user and item tokens, no titles",
+    "v6": "rerank.v6: rerank.v5 with bare letters",
 }
+
+
+def default_run() -> Path:
+    """bench_rerank_federated's 10-IID-group tower of seed 0, 25 rounds, without the soft prompt (its seed-0 reranker runs
+    train the same tower); trained here when it is not there yet (a few minutes)."""
+    from bench_rerank_federated import trained
+
+    return trained("tower", 0, argparse.Namespace(smoke=False, rounds=25))[1]
 
 
 def report() -> None:
@@ -50,6 +60,10 @@ def report() -> None:
     if not saved:
         print("no saved results under", OUT)
         return
+    setups = {(r["run"], r.get("dtype", "bfloat16")) for by_seed in saved.values() for r in by_seed.values()}
+    if len(setups) > 1:
+        raise SystemExit(f"the results under {OUT} come from several (tower run, dtype) setups {sorted(setups)}; "
+                         "pairing needs one: move the others away")
     base = {seed: r["rows"] for seed, r in saved.get("v4", {}).items()}
     tower = next(iter(saved.get("tower", {}).values()), None)
     tower_n10 = tower["rows"]["llm/test/all"]["N@10"] if tower else None
@@ -77,7 +91,8 @@ def report() -> None:
     example = next(iter(next(iter(saved.values())).values()))
     body = (
         f"ml-latest-small, all {example['users']} test users, the served top-20 of one federated tower run (`{example['run']}`, "
-        "bench_rerank_federated's seed-0 run) reranked by SmolLM2-135M-Instruct in-process (bf16 weights, fp32 label logits). "
+        "by default bench_rerank_federated's 10-IID-group recipe at seed 0 with the soft prompt off) reranked by "
+        f"SmolLM2-135M-Instruct in-process ({example.get('dtype', 'bfloat16')} weights, fp32 label logits). "
         "Every prompt trains bench_rerank_tower's `user` row (20-token soft prompt, item and user projectors, trained centrally; "
         "Adam lr 1e-2, batch 8, the epoch with the lowest validation loss kept) with the same users, examples and init for a "
         "seed; seeds vary the training users and the init over the same tower. The ratio column divides each seed's test "
@@ -94,7 +109,9 @@ def report() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="a fedrec train run folder on ml-latest-small (its tower and client indices); "
-                        "default: bench_rerank_federated's `user` run of seed 0")
+                        "default: bench_rerank_federated's recipe, seed 0, with the soft prompt off (trained here if absent)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="LLM weights (float32: the faster one on the CPU that bench:speed measured)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--prompts", nargs="+", choices=list(PROMPTS), default=list(PROMPTS))
     add_budget_arguments(parser, train_users=120, valid_users=50, threads=1)
@@ -103,18 +120,18 @@ def main() -> None:
     if not args.report:
         import torch
 
-        if args.run is None and (FEDERATED / "user-seed0.json").is_file():
-            args.run = FEDERATED / "runs" / json.loads((FEDERATED / "user-seed0.json").read_text())["run"]
-        if args.run is None or not (args.run / "run.json").is_file():
+        if args.run is None:
+            args.run = default_run()
+        if not (args.run / "run.json").is_file():
             parser.error("--run must be a finished `fedrec train` folder on ml-latest-small (e.g. one of bench_rerank_federated's runs)")
         torch.set_num_threads(args.threads)
         if args.eval_users is None:
             log_command(OUT, "bench_prompt_budget.py", [a if not Path(a).is_absolute() else str(Path(a).relative_to(REPO)) for a in sys.argv[1:]])
         for seed in args.seeds:
             for prompt in args.prompts:
-                overrides = [f"soft_prompt.{k}={v}" for k, v in BUDGETS.get(prompt, {}).items()]
+                overrides = [f"llm.dtype={args.dtype}", *(f"soft_prompt.{k}={v}" for k, v in BUDGETS.get(prompt, {}).items())]
                 result = run_variant(args.run, "tower" if prompt == "tower" else "user", seed, args, overrides=overrides)
-                result.update(prompt=prompt, eval_users_limited=args.eval_users is not None)
+                result.update(prompt=prompt, dtype=args.dtype, eval_users_limited=args.eval_users is not None)
                 OUT.mkdir(parents=True, exist_ok=True)
                 name = f"{prompt}-seed{seed}" + ("-smoke" if args.eval_users is not None else "")
                 (OUT / f"{name}.json").write_text(json.dumps(result, indent=2))

@@ -38,25 +38,35 @@ def recommender(variant: str, seed: int, args):
     from pipeline.config import load_config
     from pipeline.recommender import Recommender
 
+    soft = ["soft_prompt.enabled=false"] if variant == "tower" else [
+        "soft_prompt.enabled=true", f"soft_prompt.users={args.sp_users}", "soft_prompt.positions=1",
+        *([f"soft_prompt.personal_tokens={args.personal}"] if variant == "personal" else [])]
     overrides = [f"cache_dir={REPO / '.cache'}", f"output_dir={OUT / 'runs'}", f"federation.seed={seed}", f"partition.seed={seed}",
-                 "eval.splits=[test]", *EXPERIMENTS["iid"], "llm.dtype=bfloat16", "soft_prompt.enabled=true",
-                 f"soft_prompt.users={args.sp_users}", "soft_prompt.positions=1",
+                 "eval.splits=[test]", *EXPERIMENTS["iid"], "llm.dtype=bfloat16", *soft,
                  # the benchmark reranks validation and test itself (raw LLM scores for the fusion grid and the slices)
-                 "eval.rerank_max_users=0",
-                 *([f"soft_prompt.personal_tokens={args.personal}"] if variant == "personal" else []),
-                 f"federation.rounds={1 if args.smoke else args.rounds}"]
+                 "eval.rerank_max_users=0", f"federation.rounds={1 if args.smoke else args.rounds}"]
     return Recommender.from_config(load_config(REPO / "configs" / "ml-latest-small.yaml", overrides), run=None)
 
 
-def run_variant(variant: str, seed: int, args) -> dict:
+def trained(variant: str, seed: int, args):
+    """The recommender of (variant, seed) and its run folder, trained here unless it is there (resumed after a crash).
+    Variant `tower` is this recipe with the soft prompt off: the same tower as the seed's reranker runs."""
     from federation import runner
-    from pipeline.data.partition import partition_users
-    from pipeline.trained import load_trained, run_dir
+    from pipeline.trained import run_dir
 
     rec = recommender(variant, seed, args)
     folder = run_dir(rec)
     if not (folder / "run.json").is_file():
         runner.train(rec, resume=(folder / "checkpoint.npz").is_file(), progress=True)
+    return rec, folder
+
+
+def run_variant(variant: str, seed: int, args) -> dict:
+    from federation import runner
+    from pipeline.data.partition import partition_users
+    from pipeline.trained import load_trained
+
+    rec, folder = trained(variant, seed, args)
     run = load_trained(folder, rec)
     served = rec.with_run(run)
     users = np.arange(10 if args.smoke else rec.dataset.n_users)

@@ -9,7 +9,8 @@ indices) go through each prompt:
   the dominant genres instead of the profile), without and with the in-process prefix KV cache;
 - `rerank.v4` at a lean budget: no history titles (the user token stands for the history) and
   4-token candidate titles;
-- `rerank.v5`, the lean prompt: the user token and one item token per candidate, no titles at all.
+- `rerank.v5`, the lean prompt: the user token and one item token per candidate, no titles at all;
+- `rerank.v6`: `rerank.v5` with each candidate's bare letter ("B", not "(B)"), 4 positions per candidate instead of 6.
 
 In-process rows run at `llm.batch_size` 1 and 4 (a batch shares one prefix KV cache and is
 right-padded after it).
@@ -31,15 +32,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_prompt_budget import BUDGETS
-from bench_rerank_tower import builder_soft, recommender, tower_run
+from bench_prompt_budget import BUDGETS, default_run
+from bench_rerank_tower import builder_soft, recommender
 from common import REPO, data_dir, markdown_table, update_results, vllm_server
 
 PROMPTS = {"v1": "rerank.v1 zero-shot", "v2": "rerank.v2 + soft prompt + item tokens", "v4": "rerank.v4 + soft prompt + user + item tokens",
-           "v4-lean": "rerank.v4, no history titles, 4-token titles", "v5": "rerank.v5 (user + item tokens, no titles)"}
+           "v4-lean": "rerank.v4, no history titles, 4-token titles", "v5": "rerank.v5 (user + item tokens, no titles)",
+           "v6": "rerank.v6 (rerank.v5, bare letters)"}
 # In-process rows: (prompt, batch size, prefix cache). v1 has no soft prompt to cache; v2 as it ran before.
 IN_PROCESS = [("v1", 1, False), ("v2", 1, False), ("v4", 1, False), ("v4", 1, True), ("v4", 4, True), ("v4-lean", 1, True), ("v4-lean", 4, True),
-              ("v5", 1, True), ("v5", 4, True), ("v5", 8, True)]
+              ("v5", 1, True), ("v5", 4, True), ("v5", 8, True), ("v6", 1, True), ("v6", 4, True), ("v6", 8, True)]
 
 
 def _rerankers(rec, prompt: str):
@@ -75,14 +77,14 @@ def _time(reranker, requests, warmup, repeats: int) -> tuple[float, list[float]]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, default=None, help="a fedrec train run folder on ml-latest-small (default: bench_tower's IID run, seed 0)")
+    parser.add_argument("--run", type=Path, default=None, help="a fedrec train run folder on ml-latest-small (default: the tower bench_prompt_budget measures accuracy over)")
     parser.add_argument("--users", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-served", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("FEDREC_DATA_DIR", str(data_dir()))
     if args.run is None:
-        args.run = tower_run(0, parser)
+        args.run = default_run()
     rows, results = [], {}
     for dtype in ("bfloat16", "float32"):
         rec = recommender(args.run, f"llm.dtype={dtype}")
@@ -111,7 +113,7 @@ def main() -> None:
                                    "llm.timeout_s=300")
                 requests = rec.rerank_requests(np.arange(args.users), "test")
                 warmup = rec.rerank_requests(np.arange(args.users, args.users + 4), "test")
-                for prompt in ("v1", "v4", "v4-lean", "v5"):
+                for prompt in ("v1", "v4", "v4-lean", "v5", "v6"):
                     reranker = _rerankers(rec, prompt)
                     speed, passes = _time(reranker, requests, warmup, args.repeats)
                     name = f"vLLM CPU server {dtype}"
@@ -126,7 +128,8 @@ def main() -> None:
                                       ("`rerank.v4`, batch 4", ("in-process bfloat16", "v4", 4, True)),
                                       ("The lean budget, batch 4", ("in-process bfloat16", "v4-lean", 4, True)),
                                       ("`rerank.v5`, batch 4", ("in-process bfloat16", "v5", 4, True)),
-                                      ("`rerank.v5`, batch 8", ("in-process bfloat16", "v5", 8, True))) if base and key in results)
+                                      ("`rerank.v5`, batch 8", ("in-process bfloat16", "v5", 8, True)),
+                                      ("`rerank.v6`, batch 4", ("in-process bfloat16", "v6", 4, True))) if base and key in results)
     print(table)
     update_results(
         "bench:speed", "Reranking speed by prompt and backend (SmolLM2-135M-Instruct, 20 candidates)",

@@ -314,7 +314,7 @@ class SoftPromptConfig(_Section):
     template: str = "rerank.v4"
     """Prompt of the trained reranker: `rerank.v4` (compact, a user token and an item token per candidate, each slot on its
     own line so vLLM's prompt_embeds parts match), `rerank.v5` (lean: the user token and an item token per candidate, no
-    titles), `rerank.v3` (the full prompt, item tokens only) or `rerank.v2`."""
+    titles), `rerank.v6` (`rerank.v5` with bare letters, the shortest), `rerank.v3` (the full prompt, item tokens only) or `rerank.v2`."""
     user_token: bool = True
     """Also project the tower's query vector for the user into one token (LlaRA/CoLLM hybrid prompt); needs a template
     with `{{ user_slot }}`."""

@@ -110,19 +110,25 @@ def test_v4_puts_the_user_token_first_and_each_slot_on_its_own_line(backend: Tra
         PromptBuilder(backend, toy.catalog, RerankConfig(template="rerank.v3"), item_tokens=True, user_token=True).build(request, "rerank.v3")
 
 
-def test_v5_shows_each_candidate_by_its_item_token_alone(backend: TransformersBackend, toy) -> None:
-    """The lean prompt: no history and no titles, a letter line and a slot line per candidate; text-only it falls back to titles."""
+@pytest.mark.parametrize(("template", "letter"), [("rerank.v5", "({})"), ("rerank.v6", "{}")])
+def test_lean_prompts_show_each_candidate_by_its_item_token_alone(backend: TransformersBackend, toy, template: str, letter: str) -> None:
+    """The lean prompts: no history and no titles, a letter line and a slot line per candidate; text-only they fall back to
+    titles. rerank.v6 is rerank.v5 with the bare letter, so it is shorter still."""
     from pipeline.llm.base import ITEM_SLOT
 
     request = RerankRequest("p", (0, 1), tuple(Candidate(i, 0.0) for i in range(2, 5)))
-    lean = PromptBuilder(backend, toy.catalog, RerankConfig(template="rerank.v5"), item_tokens=True, user_token=True)
-    messages = lean.build(request, "rerank.v5")
+    lean = PromptBuilder(backend, toy.catalog, RerankConfig(template=template), item_tokens=True, user_token=True)
+    messages = lean.build(request, template)
     user = messages[-1]["content"]
     assert backend.encode(messages, with_slot=True).slots == ("soft", "item", "item", "item", "item")
-    assert f"Candidates:\n(A)\n{ITEM_SLOT}\n(B)\n{ITEM_SLOT}\n(C)\n{ITEM_SLOT}\nAnswer with one letter from A to C." in user
+    lines = "".join(f"{letter.format(lab)}\n{ITEM_SLOT}\n" for lab in "ABC")
+    assert f"Candidates:\n{lines}Answer with one letter from A to C." in user
     assert not any(toy.catalog.label(i) in user for i in range(5)), "no title, of the history or of a candidate"
     assert backend.prompt_tokens(messages) < backend.prompt_tokens(_v4(backend, toy).build(request, "rerank.v4"))
-    text_only = PromptBuilder(backend, toy.catalog, RerankConfig(template="rerank.v5")).build(request, "rerank.v5")[-1]["content"]
+    if template == "rerank.v6":
+        v5 = PromptBuilder(backend, toy.catalog, RerankConfig(template="rerank.v5"), item_tokens=True, user_token=True)
+        assert backend.prompt_tokens(messages) == backend.prompt_tokens(v5.build(request, "rerank.v5")) - 2 * 3
+    text_only = PromptBuilder(backend, toy.catalog, RerankConfig(template=template)).build(request, template)[-1]["content"]
     assert all(f"({lab}) {toy.catalog.label(i)}\n" in text_only for lab, i in zip("ABC", range(2, 5), strict=True))
 
 

@@ -128,12 +128,12 @@ def test_too_many_logprobs_names_the_server_flag(served: OpenAIBackend) -> None:
         })
 
 
-@pytest.mark.parametrize("template", ["rerank.v4", "rerank.v5"])
+@pytest.mark.parametrize("template", ["rerank.v4", "rerank.v5", "rerank.v6"])
 def test_compact_prompt_with_user_and_item_tokens_scores_alike(local: TransformersBackend, served: OpenAIBackend, movielens_csv: Path,
                                                                template: str) -> None:
     """The trained reranker's prompts (`rerank.v4`: a user token, then an item token per candidate, each on its own line;
-    `rerank.v5`: the same without titles) over vLLM's chat prompt_embeds parts score like in-process, whose shared start
-    comes from the prefix KV cache."""
+    `rerank.v5`: the same without titles; `rerank.v6`: with bare letters) over vLLM's chat prompt_embeds parts score like
+    in-process, whose shared start comes from the prefix KV cache."""
     from conftest import small_config
 
     from pipeline.config import RerankConfig
