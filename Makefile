@@ -55,7 +55,7 @@ bench: setup
 	$(PY) benchmarks/bench_rerank_tower.py --seeds 0 1 2 --variants tower zero-shot text items user --train-users 120 \
 		--valid-users 50 --positions 2 --epochs 2 --valid-eval-users 200 --threads 1
 	$(PY) benchmarks/bench_rerank_federated.py --seeds 0 1 2 --variants user personal --rounds 25
-	$(PY) benchmarks/bench_prompt_budget.py --seeds 0 1 2 --prompts tower v4 v5
+	$(PY) benchmarks/bench_prompt_budget.py --seeds 0 1 2 --prompts tower v4 v5 v6
 	$(PY) benchmarks/bench_speed.py --users 24
 	$(PY) benchmarks/bench_explain.py
 # the demo server over the ml-100k tower run that bench_explain trained

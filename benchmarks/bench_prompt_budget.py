@@ -31,7 +31,7 @@ from bench_rerank_tower import add_budget_arguments, run_variant, summary_cells
 from common import REPO, data_dir, log_command, logged_commands, markdown_table, update_results
 
 OUT = REPO / "runs" / "bench-prompt-budget"
-BUDGETS = {"v4": {}, "v4-lean": {"max_history_titles": 0, "max_title_tokens": 4}, "v5": {"template": "rerank.v5"},
+BUDGETS = {"v4": {"template": "rerank.v4"}, "v4-lean": {"template": "rerank.v4", "max_history_titles": 0, "max_title_tokens": 4}, "v5": {"template": "rerank.v5"},
            "v6": {"template": "rerank.v6"}}
 """Each prompt's `soft_prompt` settings over the product's defaults (bench_speed times the same ones)."""
 PROMPTS = {
@@ -73,7 +73,8 @@ def report() -> None:
         for key, label in (("llm", name), ("fusion", name + " + fusion")) if prompt != "tower" else (("llm", name),):
             if not runs:
                 continue
-            cells = summary_cells(runs, key, [base.get(r["seed"], {}).get(f"{key}/test/all", {}).get("N@10") for r in runs])
+            paired = [None if prompt == "tower" else base.get(r["seed"], {}).get(f"{key}/test/all", {}).get("N@10") for r in runs]
+            cells = summary_cells(runs, key, paired)
             to_tower = summary_cells(runs, key, [tower_n10] * len(runs))[5]
             rows.append([label, *cells[:5], to_tower, *cells[5:]])
         for r in runs:
@@ -111,7 +112,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="a fedrec train run folder on ml-latest-small (its tower and client indices); "
                         "default: bench_rerank_federated's recipe, seed 0, with the soft prompt off (trained here if absent)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="LLM weights (float32: the faster one on the CPU that bench:speed measured)")
+                        help="LLM weights (float32: the unrounded model; which dtype is faster depends on the CPU, see bench:speed)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--prompts", nargs="+", choices=list(PROMPTS), default=list(PROMPTS))
     add_budget_arguments(parser, train_users=120, valid_users=50, threads=1)

@@ -130,6 +130,10 @@ def main() -> None:
                                       ("`rerank.v5`, batch 4", ("in-process bfloat16", "v5", 4, True)),
                                       ("`rerank.v5`, batch 8", ("in-process bfloat16", "v5", 8, True)),
                                       ("`rerank.v6`, batch 4", ("in-process bfloat16", "v6", 4, True))) if base and key in results)
+    fastest = max((k for k in results if k[0].startswith("in-process")), key=results.get, default=None)
+    if fastest:
+        ratio += (f" Fastest in-process row: {PROMPTS[fastest[1]]}, {fastest[0].split()[-1]}, batch {fastest[2]}, "
+                  f"{results[fastest]:.2f} users/s.")
     print(table)
     update_results(
         "bench:speed", "Reranking speed by prompt and backend (SmolLM2-135M-Instruct, 20 candidates)",

@@ -150,12 +150,13 @@ class LLMConfig(_Section):
     """Model: the packaged SmolLM2-135M-Instruct, a local folder or a model id (also the local tokenizer for `openai`)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Weights dtype for in-process and offline backends; label scores always come from fp32 logits. Which is faster depends on
-    the CPU: bf16 ran 1.6-1.9x the users/s of fp32 on an AMD EPYC, 0.6-0.9x on an Intel Xeon without AMX (bench_speed.py)."""
+    the CPU: bf16 ran 2.4-3.1x the users/s of fp32 on an AMD EPYC with AVX-512 BF16, 0.6-0.9x on an Intel Xeon without AMX
+    (bench_speed.py)."""
     device: str = "cpu"
     """Torch device for the in-process backend."""
     batch_size: int = Field(default=1, ge=1, le=4096)
     """Prompts per in-process forward pass. With the prefix cache a batch is right-padded after the shared start: 4
-    measured 1.01-1.23x the users/s of 1 on 2 CPU cores (benchmarks/bench_speed.py)."""
+    measured 0.99-1.39x the users/s of 1 on 2 CPU cores (benchmarks/bench_speed.py)."""
     prefix_cache: bool = True
     """In-process: compute the prompt's shared start (the chat header and the trained soft prompt) once and reuse its KV
     cache for every user; vLLM does the same with --enable-prefix-caching."""
