@@ -13,7 +13,8 @@ the training and validation users, their examples, the training budget and the i
 Each prompt's test N@10 (all users) is divided by `v4`'s of the same seed (paired), for the LLM order and for its
 validation-tuned fusion with the tower, and by the tower order's. Speeds are bench_speed's (all prompts side by side in one run); this script runs one
 torch thread per process, so several seeds or prompts can run side by side. Results go to
-runs/bench-prompt-budget/<prompt>-seed<k>.json; `--report` rebuilds the table and the RESULTS.md section from them.
+benchmarks/records/prompt-budget/<prompt>-seed<k>.json (committed); `--report` rebuilds the table and the RESULTS.md section
+from them.
 
 Usage: python benchmarks/bench_prompt_budget.py --seeds 0 1 2 --prompts tower v4 v5 [--run <fedrec train run folder>]
        [--train-users 120] [--valid-users 50] [--positions 2] [--epochs 2] [--valid-eval-users 200] [--threads 1] [--report]
@@ -28,9 +29,10 @@ import sys
 from pathlib import Path
 
 from bench_rerank_tower import add_budget_arguments, run_variant, summary_cells
-from common import REPO, data_dir, log_command, logged_commands, markdown_table, update_results
+from common import RECORDS, REPO, data_dir, log_command, logged_commands, markdown_table, update_results
 
-OUT = REPO / "runs" / "bench-prompt-budget"
+OUT = RECORDS / "prompt-budget"
+SMOKE = REPO / "runs" / "bench-prompt-budget"  # smoke results are not records
 BUDGETS = {"v4": {"template": "rerank.v4"}, "v4-lean": {"template": "rerank.v4", "max_history_titles": 0, "max_title_tokens": 4}, "v5": {"template": "rerank.v5"},
            "v6": {"template": "rerank.v6"}}
 """Each prompt's `soft_prompt` settings over the product's defaults (bench_speed times the same ones)."""
@@ -133,9 +135,9 @@ def main() -> None:
                 overrides = [f"llm.dtype={args.dtype}", *(f"soft_prompt.{k}={v}" for k, v in BUDGETS.get(prompt, {}).items())]
                 result = run_variant(args.run, "tower" if prompt == "tower" else "user", seed, args, overrides=overrides)
                 result.update(prompt=prompt, dtype=args.dtype, eval_users_limited=args.eval_users is not None)
-                OUT.mkdir(parents=True, exist_ok=True)
-                name = f"{prompt}-seed{seed}" + ("-smoke" if args.eval_users is not None else "")
-                (OUT / f"{name}.json").write_text(json.dumps(result, indent=2))
+                folder = OUT if args.eval_users is None else SMOKE
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{prompt}-seed{seed}.json").write_text(json.dumps(result, indent=2))
                 print(prompt, seed, json.dumps({k: v for k, v in result["rows"].items() if k.endswith("test/all")}), flush=True)
     report()
 

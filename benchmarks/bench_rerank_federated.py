@@ -12,7 +12,8 @@ round is the tower's best validation round; each run is compared with its own to
 
 The run's tower order, the LLM order and its validation-tuned fusion with the tower are scored as in
 bench_rerank_tower (validation: the first `--valid-eval-users` users; test: all users; the same slices). Results go to
-runs/bench-rerank-federated/<variant>-seed<k>.json; `--report` rebuilds the table and the RESULTS.md section.
+benchmarks/records/rerank-federated/<variant>-seed<k>.json (committed; the trained runs stay under
+runs/bench-rerank-federated/); `--report` rebuilds the table and the RESULTS.md section.
 
 Usage: python benchmarks/bench_rerank_federated.py --seeds 0 --variants user personal [--rounds 25] [--sp-users 1] [--personal 4]
        [--valid-eval-users 200] [--threads 1] [--report]
@@ -28,9 +29,10 @@ import sys
 import numpy as np
 from bench_rerank_tower import KEYS, scored_rows, slice_rows, summary_cells
 from bench_tower import EXPERIMENTS
-from common import REPO, data_dir, log_command, logged_commands, markdown_table, update_results
+from common import RECORDS, REPO, data_dir, log_command, logged_commands, markdown_table, update_results
 
-OUT = REPO / "runs" / "bench-rerank-federated"
+OUT = RECORDS / "rerank-federated"
+RUNS = REPO / "runs" / "bench-rerank-federated"  # the trained runs, and smoke results (not records)
 VARIANTS = {"user": "federated: soft prompt + item tokens + user token", "personal": "federated: + personal tokens"}
 
 
@@ -41,7 +43,7 @@ def recommender(variant: str, seed: int, args):
     soft = ["soft_prompt.enabled=false"] if variant == "tower" else [
         "soft_prompt.enabled=true", f"soft_prompt.users={args.sp_users}", "soft_prompt.positions=1",
         *([f"soft_prompt.personal_tokens={args.personal}"] if variant == "personal" else [])]
-    overrides = [f"cache_dir={REPO / '.cache'}", f"output_dir={OUT / 'runs'}", f"federation.seed={seed}", f"partition.seed={seed}",
+    overrides = [f"cache_dir={REPO / '.cache'}", f"output_dir={RUNS / 'runs'}", f"federation.seed={seed}", f"partition.seed={seed}",
                  "eval.splits=[test]", *EXPERIMENTS["iid"], "llm.dtype=bfloat16", *soft,
                  # the benchmark reranks validation and test itself (raw LLM scores for the fusion grid and the slices)
                  "eval.rerank_max_users=0", f"federation.rounds={1 if args.smoke else args.rounds}"]
@@ -94,8 +96,14 @@ def run_variant(variant: str, seed: int, args) -> dict:
 
 
 def _trained(result: dict) -> dict:
-    """The results.json of the `fedrec train` run behind a saved result (its config, rounds and per-round history)."""
-    return json.loads((OUT / "runs" / result["run"] / "results.json").read_text())
+    """What the report reads from the `fedrec train` run behind a saved result: its rounds, seconds, personal tokens and
+    per-round soft-prompt loss (kept in the record; records written before that read the run's results.json)."""
+    if "trained" in result:
+        return result["trained"]
+    trained = json.loads((RUNS / "runs" / result["run"] / "results.json").read_text())
+    return {"rounds": trained["rounds"], "seconds": trained["seconds"],
+            "soft_prompt": {"personal_tokens": trained["soft_prompt"]["personal_tokens"]},
+            "history": [{"soft_prompt_loss": h["soft_prompt_loss"]} for h in trained["history"] if "soft_prompt_loss" in h]}
 
 
 def report() -> None:
@@ -170,8 +178,10 @@ def main() -> None:
             for variant in args.variants:
                 result = run_variant(variant, seed, args)
                 result["sp_users"] = args.sp_users
-                OUT.mkdir(parents=True, exist_ok=True)
-                (OUT / f"{variant}-seed{seed}{'-smoke' if args.smoke else ''}.json").write_text(json.dumps(result, indent=2))
+                result["trained"] = _trained(result)
+                folder = RUNS if args.smoke else OUT
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{variant}-seed{seed}.json").write_text(json.dumps(result, indent=2))
                 print(variant, seed, json.dumps({k: v for k, v in result["rows"].items() if k.endswith("test/all")}), flush=True)
     report()
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
+RECORDS = REPO / "benchmarks" / "records"
+"""Per-seed result records of the tables built from several runs (committed, so `--report` rebuilds a table on any
+checkout and later seeds add to it); the trained runs themselves stay under runs/."""
 sys.path.insert(0, str(REPO))
 
 
