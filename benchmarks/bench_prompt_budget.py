@@ -33,8 +33,8 @@ from common import RECORDS, REPO, data_dir, log_command, logged_commands, markdo
 
 OUT = RECORDS / "prompt-budget"
 SMOKE = REPO / "runs" / "bench-prompt-budget"  # smoke results are not records
-BUDGETS = {"v4": {"template": "rerank.v4"}, "v4-lean": {"template": "rerank.v4", "max_history_titles": 0, "max_title_tokens": 4}, "v5": {"template": "rerank.v5"},
-           "v6": {"template": "rerank.v6"}}
+BUDGETS = {"v4": {"template": "rerank.v4"}, "v4-lean": {"template": "rerank.v4", "max_history_titles": 0, "max_title_tokens": 4},
+           "v5": {"template": "rerank.v5"}, "v6": {"template": "rerank.v6"}}
 """Each prompt's `soft_prompt` settings over the product's defaults (bench_speed times the same ones)."""
 PROMPTS = {
     "tower": "the tower's order (FAISS top-20, no LLM)",

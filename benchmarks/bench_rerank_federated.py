@@ -95,12 +95,10 @@ def run_variant(variant: str, seed: int, args) -> dict:
     return out
 
 
-def _trained(result: dict) -> dict:
-    """What the report reads from the `fedrec train` run behind a saved result: its rounds, seconds, personal tokens and
-    per-round soft-prompt loss (kept in the record; records written before that read the run's results.json)."""
-    if "trained" in result:
-        return result["trained"]
-    trained = json.loads((RUNS / "runs" / result["run"] / "results.json").read_text())
+def _run_summary(run: str) -> dict:
+    """What the report reads from a `fedrec train` run (its results.json), kept in the run's record: rounds, seconds,
+    personal tokens and the per-round soft-prompt loss."""
+    trained = json.loads((RUNS / "runs" / run / "results.json").read_text())
     return {"rounds": trained["rounds"], "seconds": trained["seconds"],
             "soft_prompt": {"personal_tokens": trained["soft_prompt"]["personal_tokens"]},
             "history": [{"soft_prompt_loss": h["soft_prompt_loss"]} for h in trained["history"] if "soft_prompt_loss" in h]}
@@ -125,7 +123,7 @@ def report() -> None:
             rows.append([label, *summary_cells(results, key, base)])
             slices_ += slice_rows(label, results, key)
         for r in runs:
-            trained = _trained(r)
+            trained = r["trained"]
             losses = [h["soft_prompt_loss"] for h in trained["history"] if "soft_prompt_loss" in h]
             curve = ", ".join(f"{np.mean(losses[i:i + 5]):.2f}" for i in range(0, len(losses), 5))
             runs_rows.append([name, r["seed"], r["run"], r["best_round"], trained["rounds"], curve, f"{trained['seconds'] / 60:.0f}"])
@@ -137,11 +135,11 @@ def report() -> None:
     example = next(iter(saved.values()))[0]
     body = (
         "ml-latest-small, all 610 users. Each run is `fedrec train` of bench_tower's 10-IID-group tower recipe for "
-        f"{_trained(example)['rounds']} rounds, with the soft prompt (20 tokens), item and user projectors trained in the same rounds on "
+        f"{example['trained']['rounds']} rounds, with the soft prompt (20 tokens), item and user projectors trained in the same rounds on "
         f"the clients and averaged by Flower (FedAvg); each round every client trains them on {example.get('sp_users', 1)} of "
         "its users (one example each: the history before its last training item → the round's tower top-20 → that item, "
         "inserted when missed; Adam lr 1e-2, fresh each round). `personal`: "
-        f"{_trained(saved['personal'][0])['soft_prompt']['personal_tokens'] if 'personal' in saved else 0} personal tokens per client in front of the "
+        f"{saved['personal'][0]['trained']['soft_prompt']['personal_tokens'] if 'personal' in saved else 0} personal tokens per client in front of the "
         "shared prompt. The kept round is the tower's best validation round; the "
         "first row of each group is that run's own tower order, and the ratios are paired with it. bench_tower's runs go "
         "up to 200 rounds, so these towers are weaker than `bench:tower`'s. SmolLM2-135M-Instruct in-process, bf16 weights, "
@@ -178,7 +176,7 @@ def main() -> None:
             for variant in args.variants:
                 result = run_variant(variant, seed, args)
                 result["sp_users"] = args.sp_users
-                result["trained"] = _trained(result)
+                result["trained"] = _run_summary(result["run"])
                 folder = RUNS if args.smoke else OUT
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / f"{variant}-seed{seed}.json").write_text(json.dumps(result, indent=2))
