@@ -1,10 +1,10 @@
-"""Does a leaner prompt cost the trained reranker accuracy? Each prompt against today's, on the same users (ml-latest-small).
+"""Does a leaner prompt cost the trained reranker accuracy? Each prompt against `rerank.v4`, the former default, on the same users (ml-latest-small).
 
 For each seed, bench_rerank_tower's `user` row (soft prompt + item tokens + user token, trained centrally over a tower
 run's served top-20) is trained and scored once per prompt (`--prompts`), with everything else the same: the tower run,
 the training and validation users, their examples, the training budget and the initialisation. Prompts:
 
-- `v4`: `rerank.v4` at the product's budget (genres, 10 history titles, 10-token titles): today's prompt;
+- `v4`: `rerank.v4` at the product's budget (genres, 10 history titles, 10-token titles): the former default prompt, the baseline of the pairing;
 - `v4-lean`: `rerank.v4` with no history titles and 4-token candidate titles;
 - `v5`: `rerank.v5`, the user token and one item token per candidate, no titles;
 - `v6`: `rerank.v6`, `rerank.v5` with each candidate's bare letter (4 positions per candidate instead of 6);
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from bench_rerank_tower import add_budget_arguments, run_variant, summary_cells
-from common import RECORDS, REPO, data_dir, log_command, logged_commands, markdown_table, update_results
+from common import RECORDS, REPO, data_dir, log_command, logged_commands, machine, markdown_table, record_machines, update_results
 
 OUT = RECORDS / "prompt-budget"
 SMOKE = REPO / "runs" / "bench-prompt-budget"  # smoke results are not records
@@ -38,7 +38,7 @@ BUDGETS = {"v4": {"template": "rerank.v4"}, "v4-lean": {"template": "rerank.v4",
 """Each prompt's `soft_prompt` settings over the product's defaults (bench_speed times the same ones)."""
 PROMPTS = {
     "tower": "the tower's order (FAISS top-20, no LLM)",
-    "v4": "rerank.v4: genres, 10 history titles, 10-token titles (today's)",
+    "v4": "rerank.v4: genres, 10 history titles, 10-token titles (former default)",
     "v4-lean": "rerank.v4: no history titles, 4-token titles",
     "v5": "rerank.v5: user and item tokens, no titles",
     "v6": "rerank.v6: rerank.v5 with bare letters",
@@ -86,7 +86,7 @@ def report() -> None:
             curves.append([name, r["seed"], t["examples"], f"{t['loss_first']:.3f}",
                            "; ".join(f"{p['train_loss']:.3f} / {p['valid_loss']:.3f}" for p in t["curve"]), t["best_epoch"], f"{t['minutes']:.1f}"])
     header = ["prompt", "seeds", "valid N@10", "test R@10", "test N@10", "test MRR", "test N@10 / tower order",
-              "test N@10 / today's prompt (paired)", "fusion w (per seed)"]
+              "test N@10 / rerank.v4 (paired)", "fusion w (per seed)"]
     table = markdown_table(header, rows)
     losses = markdown_table(["prompt", "seed", "train examples", "first batch loss", "per epoch: train / valid loss", "kept epoch",
                              "train min"], curves)
@@ -99,14 +99,14 @@ def report() -> None:
         "Every prompt trains bench_rerank_tower's `user` row (20-token soft prompt, item and user projectors, trained centrally; "
         "Adam lr 1e-2, batch 8, the epoch with the lowest validation loss kept) with the same users, examples and init for a "
         "seed; seeds vary the training users and the init over the same tower. The ratio column divides each seed's test "
-        "N@10 by today's prompt's for the same seed and row (LLM order or fusion), then averages over seeds. Validation (the "
+        "N@10 by `rerank.v4`'s for the same seed and row (LLM order or fusion), then averages over seeds. Validation (the "
         f"fusion weight and the valid column): the first {example['rows']['llm/valid/all']['users']} users. Speeds of these "
         "prompts are in `bench:speed`."
-        + ("" if base else " Today's prompt (`v4`) has no saved result yet, so the paired column is empty.")
+        + ("" if base else " `rerank.v4` (`v4`) has no saved result yet, so the paired column is empty.")
         + "\n\n" + table + "\n\nTraining (loss of the target's label among 20; chance ln 20 = 3.00):\n\n" + losses
     )
-    update_results("bench:prompt-budget", "Prompt budget against accuracy: the trained reranker, paired with today's prompt (ml-latest-small)",
-                   logged_commands(OUT), body)
+    update_results("bench:prompt-budget", "Prompt budget against accuracy: the trained reranker, paired with the former default prompt (ml-latest-small)",
+                   logged_commands(OUT), body, record_machines([r for runs in saved.values() for r in runs.values()]))
 
 
 def main() -> None:
@@ -134,7 +134,7 @@ def main() -> None:
             for prompt in args.prompts:
                 overrides = [f"llm.dtype={args.dtype}", *(f"soft_prompt.{k}={v}" for k, v in BUDGETS.get(prompt, {}).items())]
                 result = run_variant(args.run, "tower" if prompt == "tower" else "user", seed, args, overrides=overrides)
-                result.update(prompt=prompt, dtype=args.dtype, eval_users_limited=args.eval_users is not None)
+                result.update(prompt=prompt, dtype=args.dtype, eval_users_limited=args.eval_users is not None, machine=machine())
                 folder = OUT if args.eval_users is None else SMOKE
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / f"{prompt}-seed{seed}.json").write_text(json.dumps(result, indent=2))

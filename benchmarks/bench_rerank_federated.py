@@ -6,7 +6,7 @@ bench_tower, then the soft prompt and projectors on `--sp-users` of its users (o
 late training item → the tower's top 20 for it → that item, inserted when missed); Flower averages both. The kept
 round is the tower's best validation round; each run is compared with its own tower's order (paired). Variants:
 
-- `user`: soft prompt + item tokens + user token (the product's default prompt);
+- `user`: soft prompt + item tokens + user token, in the product's default prompt (`soft_prompt.template`);
 - `personal`: the same + `--personal` personal tokens per client, trained on the client and never sent; each client's
   users are reranked with their own client's tokens of the kept round.
 
@@ -29,7 +29,7 @@ import sys
 import numpy as np
 from bench_rerank_tower import KEYS, scored_rows, slice_rows, summary_cells
 from bench_tower import EXPERIMENTS
-from common import RECORDS, REPO, data_dir, log_command, logged_commands, markdown_table, update_results
+from common import RECORDS, REPO, data_dir, log_command, logged_commands, machine, markdown_table, record_machines, update_results
 
 OUT = RECORDS / "rerank-federated"
 RUNS = REPO / "runs" / "bench-rerank-federated"  # the trained runs, and smoke results (not records)
@@ -90,7 +90,7 @@ def run_variant(variant: str, seed: int, args) -> dict:
         return scores
 
     out = {"run": folder.name, "variant": variant, "seed": seed, "users": len(users), "best_round": run.best_round,
-           "tower": scored_rows(served, chosen, requests, None)}
+           "template": rec.cfg.soft_prompt.template, "machine": machine(), "tower": scored_rows(served, chosen, requests, None)}
     out.update(scored_rows(served, chosen, requests, llm_scores, label=f"{variant} seed {seed}"))
     return out
 
@@ -132,7 +132,8 @@ def report() -> None:
     runs_table = markdown_table(["ranking", "seed", "run", "kept round", "rounds", "clients' soft-prompt loss, mean per 5 rounds",
                                  "train min"], runs_rows)
     print(table, slices, runs_table, sep="\n\n")
-    example = next(iter(saved.values()))[0]
+    records = [r for runs in saved.values() for r in runs]
+    example, templates = records[0], ", ".join(dict.fromkeys(f"`{r.get('template', 'rerank.v4')}`" for r in records))
     body = (
         "ml-latest-small, all 610 users. Each run is `fedrec train` of bench_tower's 10-IID-group tower recipe for "
         f"{example['trained']['rounds']} rounds, with the soft prompt (20 tokens), item and user projectors trained in the same rounds on "
@@ -143,14 +144,14 @@ def report() -> None:
         "shared prompt. The kept round is the tower's best validation round; the "
         "first row of each group is that run's own tower order, and the ratios are paired with it. bench_tower's runs go "
         "up to 200 rounds, so these towers are weaker than `bench:tower`'s. SmolLM2-135M-Instruct in-process, bf16 weights, "
-        "fp32 label logits, prompt `rerank.v4`; validation (the fusion weight and the valid column): the first "
-        f"{example['rows']['llm/valid/all']['users']} users; chance loss ln 20 = 3.00. Central training of the same prompt "
-        "is in `bench:rerank-tower`. Train min is wall time, measured while other benchmark processes shared the 2 cores, "
-        "so it is not a speed.\n\n" + table + "\n\nSlices (short = ≤ 20 training items; rare = test target among the "
+        f"fp32 label logits, prompt {templates}; validation (the fusion weight and the valid column): the first "
+        f"{example['rows']['llm/valid/all']['users']} users; chance loss ln 20 = 3.00. Central training is in `bench:rerank-tower` "
+        "(`rerank.v4`) and `bench:prompt-budget` (`rerank.v4` against `rerank.v6`). Train min is wall time, two runs side "
+        "by side on the 2 cores (one thread each), so it is not a speed.\n\n" + table + "\n\nSlices (short = ≤ 20 training items; rare = test target among the "
         "20% least-seen training items):\n\n" + slices + "\n\nRuns:\n\n" + runs_table
     )
     update_results("bench:rerank-federated", "LLM reranker trained under federation (ml-latest-small, 10 IID groups)",
-                   logged_commands(OUT), body)
+                   logged_commands(OUT), body, record_machines(records))
 
 
 def main() -> None:

@@ -60,12 +60,13 @@ def tower_run(seed: int, parser: argparse.ArgumentParser) -> Path:
 
 
 def recommender(run: Path, *extra: str):
-    """The ml-latest-small recommender serving `run` (its tower shape and partition), bf16 LLM; `extra` overrides win."""
+    """The ml-latest-small recommender serving `run` (its tower shape and partition), bf16 LLM, prompt `rerank.v4` (the
+    prompt this table was measured with; bench_prompt_budget compares others); `extra` overrides win."""
     from pipeline.config import load_config
     from pipeline.recommender import Recommender
 
     sections = json.loads((run / "run.json").read_text())["fingerprint"]["sections"]
-    overrides = [f"cache_dir={REPO / '.cache'}", "llm.dtype=bfloat16", "eval.splits=[valid,test]",
+    overrides = [f"cache_dir={REPO / '.cache'}", "llm.dtype=bfloat16", "eval.splits=[valid,test]", "soft_prompt.template=rerank.v4",
                  *(f"tower.{k}={v}" for k, v in sections["tower"].items()),
                  *(f"partition.{k}={v}" for k, v in sections["partition"].items()), *extra]
     return Recommender.from_config(load_config(REPO / "configs" / "ml-latest-small.yaml", overrides), run=run)

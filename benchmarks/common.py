@@ -56,18 +56,24 @@ def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[flo
     return statistics.median(runs), runs
 
 
+def record_machines(records: list[dict]) -> str:
+    """The machines that committed records were measured on, in one line (`machine` of each record; this one for none)."""
+    return "; ".join(dict.fromkeys(r.get("machine") or machine() for r in records))
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def update_results(section: str, title: str, command: str, body: str) -> None:
-    """Replace (or append) the section `section` of RESULTS.md, stamped with machine, date and command."""
+def update_results(section: str, title: str, command: str, body: str, measured_on: str | None = None) -> None:
+    """Replace (or append) the section `section` of RESULTS.md, stamped with machine, date and command. `measured_on`
+    names the machine(s) of a section rebuilt from committed records (default: this one)."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     block = (
         f"<!-- {section} -->\n## {title}\n\n"
-        f"Command: `{command}`  \nMachine: {machine()}  \nDate: {stamp}\n\n{body.strip()}\n<!-- /{section} -->"
+        f"Command: `{command}`  \nMachine: {measured_on or machine()}  \nDate: {stamp}\n\n{body.strip()}\n<!-- /{section} -->"
     )
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n\nEvery figure here is written by the script named in its section.\n"
     pattern = re.compile(rf"<!-- {re.escape(section)} -->.*?<!-- /{re.escape(section)} -->", re.S)

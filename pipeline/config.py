@@ -312,10 +312,11 @@ class SoftPromptConfig(_Section):
     """Also train the LLM soft prompt and the item-token projector on each client, in-process backend only."""
     tokens: int = Field(default=20, ge=0, le=1000)
     """Virtual tokens in the soft prompt."""
-    template: str = "rerank.v4"
-    """Prompt of the trained reranker: `rerank.v4` (compact, a user token and an item token per candidate, each slot on its
-    own line so vLLM's prompt_embeds parts match), `rerank.v5` (lean: the user token and an item token per candidate, no
-    titles), `rerank.v6` (`rerank.v5` with bare letters, the shortest), `rerank.v3` (the full prompt, item tokens only) or `rerank.v2`."""
+    template: str = "rerank.v6"
+    """Prompt of the trained reranker: `rerank.v6` (lean: the user token and top genres, then each candidate's bare letter and
+    item token, no titles; each slot on its own line so vLLM's prompt_embeds parts match), `rerank.v5` (`rerank.v6` with "(B)" letters),
+    `rerank.v4` (compact: also genres, history titles and 10-token candidate titles; 3× the positions), `rerank.v3` (the
+    full prompt, item tokens only) or `rerank.v2`."""
     user_token: bool = True
     """Also project the tower's query vector for the user into one token (LlaRA/CoLLM hybrid prompt); needs a template
     with `{{ user_slot }}`."""

@@ -139,7 +139,7 @@ class PromptBuilder:
         if self.item_tokens and sum(m["content"].count(ITEM_SLOT) for m in messages) != len(titles) + self.n_user_slots:
             need = "a {{ user_slot }} and " if self.user_token else ""
             raise ValueError(f"prompt template {template!r} lacks {need}an item-token slot per candidate ({{{{ c.item_slot }}}}); "
-                             "use rerank.v4 (user and item tokens) or rerank.v3 (item tokens)")
+                             "use rerank.v6 (user and item tokens) or rerank.v3 (item tokens)")
         if self.backend.prompt_tokens(messages) <= budget:
             return messages
         dropped, limit = 0, None

@@ -30,6 +30,7 @@ from pipeline.errors import FedrecError
 from pipeline.io import atomic_path, file_digest, write_json, write_text
 
 if TYPE_CHECKING:
+    from pipeline.config import SoftPromptConfig
     from pipeline.recommender import Recommender
     from pipeline.rerank import VerbalizerReranker
     from retrieval import ItemIndex
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 TOWER_SHAPE = {"dim", "max_len", "layers", "heads", "item_init"}
 """The tower fields a serving config must share with a run (the training recipe may differ)."""
+PROMPT_SETTINGS = ("template", "max_title_tokens", "max_history_titles")
+"""The soft_prompt fields that shape the trained reranker's prompt, served as the run was trained."""
 FORMAT = 1
 
 
@@ -177,9 +180,19 @@ class TrainedRun:
     def describe(self) -> str:
         return f"trained tower from {self.folder} (round {self.best_round})"
 
+    def prompt_settings(self, current: SoftPromptConfig) -> SoftPromptConfig:
+        """`current` with the prompt the run's soft prompt was trained with (template, title and history budgets): a soft
+        prompt is tuned to its prompt, so a run keeps serving it when the config's default prompt changes."""
+        trained = self.manifest["fingerprint"]["sections"].get("soft_prompt") or {}
+        return current.model_copy(update={k: trained[k] for k in PROMPT_SETTINGS if k in trained})
+
     def reranker(self, rec: Recommender, *, fusion_weight: float = 1.0, personal: dict[str, np.ndarray] | None = None) -> VerbalizerReranker:
-        """A verbalizer reranker with the run's soft prompt, item tokens and (when trained with one) user token
-        (`soft_prompt.template`; the projectors read the tower's vectors). `personal`: one client's personal tokens."""
+        """A verbalizer reranker with the run's soft prompt, item tokens and (when trained with one) user token, in the
+        prompt it was trained with (`prompt_settings`; the projectors read the tower's vectors). `personal`: one client's
+        personal tokens."""
+        soft = self.prompt_settings(rec.cfg.soft_prompt)
+        if soft != rec.cfg.soft_prompt:
+            rec = rec.with_cfg(rec.cfg.model_copy(update={"soft_prompt": soft}))
         return trained_reranker(rec, self.state, self.item_embeddings, self.tower, fusion_weight=fusion_weight, personal=personal)
 
 

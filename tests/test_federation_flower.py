@@ -16,10 +16,10 @@ from pipeline.recommender import Recommender
 TINY = REPO / "configs" / "tiny.yaml"
 
 
-def _recommender(tmp_path: Path, *overrides: str) -> Recommender:
+def _recommender(tmp_path: Path, *overrides: str, run: Path | None = None) -> Recommender:
     cfg = load_config(TINY, ["federation.rounds=2", "tower.dim=16", "tower.max_len=10", "tower.layers=1",
                              "eval.max_users=30", f"output_dir={tmp_path}", *overrides])
-    return Recommender.from_config(cfg)
+    return Recommender.from_config(cfg) if run is None else Recommender.from_config(cfg, run=run)
 
 
 def test_array_record_round_trip_is_bit_exact() -> None:
@@ -180,9 +180,10 @@ def test_soft_prompt_and_projector_travel_with_the_tower(tmp_path: Path, tiny_ll
     from federation.checkpoint import load
     from federation.runner import run_dir, train
 
+    serving = [f"llm.model={tiny_llama}", "llm.dtype=float32", "retrieval.num_candidates=6", "eval.max_users=12",
+               "rerank.max_history_titles=3", "profile.max_tokens=48"]
     rec = _recommender(tmp_path, "federation.rounds=1", "soft_prompt.enabled=true", "soft_prompt.tokens=4",
-                       f"llm.model={tiny_llama}", "llm.dtype=float32", "retrieval.num_candidates=6", "eval.max_users=12",
-                       "rerank.max_history_titles=3", "profile.max_tokens=48")
+                       "soft_prompt.template=rerank.v4", "soft_prompt.max_history_titles=2", *serving)
     results = train(rec)
     state = load(run_dir(rec) / "checkpoint.npz").state
     soft = {k for k in state if k.startswith("soft/")}
@@ -193,6 +194,11 @@ def test_soft_prompt_and_projector_travel_with_the_tower(tmp_path: Path, tiny_ll
     assert 0.0 < results["history"][0]["soft_prompt_loss"] < 10.0, "the clients' mean soft-prompt loss reaches the round report"
     assert set(results["test_rerank"]) >= {"R@5", "N@10", "MRR"}
     assert sum(c["users"] for c in results["test_rerank"]["by_client"]) == 12
+    # a config with another default prompt serves the run in the prompt its soft prompt was trained with
+    later = _recommender(tmp_path, "federation.rounds=1", "soft_prompt.enabled=true", "soft_prompt.tokens=4", *serving, run=run_dir(rec))
+    assert later.cfg.soft_prompt.template == "rerank.v6"
+    builder = later.trained.reranker(later).builder
+    assert (builder.cfg.template, builder.cfg.max_history_titles) == ("rerank.v4", 2)
 
 
 @pytest.mark.slow

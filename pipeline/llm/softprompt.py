@@ -2,8 +2,8 @@
 
 A measurement on SmolLM2-135M (docs/DESIGN.md) showed that a text-only soft prompt stays at chance as
 a reranker, so the collaborative signal reaches the LLM as projected retrieval-tower vectors: one
-item token per candidate, right after its title, and (`user_token`) one user token, the tower's
-query vector for the history, projected the same way (`rerank.v4`). The trainable module is the
+item token per candidate (after its letter in `rerank.v6`, after its title in `rerank.v4`), and
+(`user_token`) one user token, the tower's query vector for the history, projected the same way. The trainable module is the
 soft prompt `(m, hidden)`, the item projector and the user projector (`tower_dim → hidden`); all are
 federated as named arrays. The loss is the cross-entropy of the target's label among the candidate
 labels at the answer position, from fp32 logits.
