@@ -321,9 +321,9 @@ class SoftPromptConfig(_Section):
     """Also project the tower's query vector for the user into one token (LlaRA/CoLLM hybrid prompt); needs a template
     with `{{ user_slot }}`."""
     max_title_tokens: int | None = Field(default=10, ge=4, le=10_000)
-    """Title length in LLM tokens in the trained reranker's prompt (the compact budget; None = whole titles)."""
+    """Title length in LLM tokens in a trained reranker's prompt that shows titles (`rerank.v4`; None = whole titles)."""
     max_history_titles: int = Field(default=10, ge=0, le=1000)
-    """History titles in the trained reranker's prompt (the tower's user token carries the whole history)."""
+    """History titles in a trained reranker's prompt that shows them (`rerank.v4`; the user token carries the whole history)."""
     positions: int = Field(default=1, ge=1, le=1000)
     """Training examples per user: targets at the last `positions` places of its training history, each with the
     tower's candidates for the history before it."""
