@@ -133,7 +133,7 @@ def report() -> None:
                                  "train min"], runs_rows)
     print(table, slices, runs_table, sep="\n\n")
     records = [r for runs in saved.values() for r in runs]
-    example, templates = records[0], ", ".join(dict.fromkeys(f"`{r.get('template', 'rerank.v4')}`" for r in records))
+    example, templates = records[0], ", ".join(dict.fromkeys(f"`{r['template']}`" for r in records))
     body = (
         "ml-latest-small, all 610 users. Each run is `fedrec train` of bench_tower's 10-IID-group tower recipe for "
         f"{example['trained']['rounds']} rounds, with the soft prompt (20 tokens), item and user projectors trained in the same rounds on "
