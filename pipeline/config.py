@@ -148,10 +148,11 @@ class LLMConfig(_Section):
     """`transformers` in-process (default), `openai` for any OpenAI-compatible server (vLLM), `vllm` offline engine."""
     model: str = "SmolLM2-135M-Instruct"
     """Model: the packaged SmolLM2-135M-Instruct, a local folder or a model id (also the local tokenizer for `openai`)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    """Weights dtype for in-process and offline backends; label scores always come from fp32 logits. Which is faster depends on
-    the CPU: bf16 ran 2.4-3.1x the users/s of fp32 on an AMD EPYC with AVX-512 BF16, 0.6-0.9x on an Intel Xeon without AMX
-    (bench_speed.py)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype for in-process and offline backends; label scores always come from fp32 logits. `auto`: bfloat16 on a
+    GPU or on a CPU with native bf16 instructions (AVX-512 BF16 or AMX), else float32 (the offline `vllm` engine takes
+    `auto` as the model's own dtype). bf16 ran 2.4-3.1x the users/s of fp32 on an AMD EPYC with AVX-512 BF16, 0.6-0.9x
+    on an Intel Xeon without AMX (bench_speed.py)."""
     device: str = "cpu"
     """Torch device for the in-process backend."""
     batch_size: int = Field(default=1, ge=1, le=4096)

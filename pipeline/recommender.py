@@ -23,6 +23,7 @@ from pipeline.config import FedrecConfig
 from pipeline.data import Dataset, load_dataset, partition_users
 from pipeline.data.dataset import SplitName
 from pipeline.errors import RequestError, show_ids
+from pipeline.llm.base import resolve_dtype
 from pipeline.profile import build_profile
 from retrieval import Candidate, EmbeddingRetriever, ItemIndex, Query, Retriever, TextEmbedder, TowerRetriever
 
@@ -246,7 +247,8 @@ class Recommender:
     def fusion_key(self) -> str:
         """Hash of everything a tuned fusion weight depends on."""
         run = self.trained.manifest.get("files", {}).get("best.npz") if self.trained is not None else None
-        parts = [self.index_key(), run, self.cfg.llm.model, self.cfg.llm.dtype, self.cfg.rerank.model_dump_json(exclude={"fusion_weight"}),
+        llm = self.cfg.llm
+        parts = [self.index_key(), run, llm.model, resolve_dtype(llm.dtype, llm.device), self.cfg.rerank.model_dump_json(exclude={"fusion_weight"}),
                  self.cfg.retrieval.model_dump_json(), self.cfg.profile.model_dump_json()]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 

@@ -115,6 +115,22 @@ def test_bf16_scores_come_from_fp32_logits(tiny_llama: Path) -> None:
     assert len(np.unique(np.round(scores, 6))) == scores.size
 
 
+def test_auto_dtype_is_bf16_only_where_bf16_is_native(tiny_llama: Path) -> None:
+    from pipeline.llm.base import cpu_flags, resolve_dtype
+
+    assert resolve_dtype("auto", "cpu", {"avx2", "avx512f", "avx512_bf16"}) == "bfloat16"
+    assert resolve_dtype("auto", "cpu", {"avx2", "amx_tile", "amx_bf16"}) == "bfloat16"
+    assert resolve_dtype("auto", "cpu", {"avx2", "avx512f", "avx512_vnni"}) == "float32", "AVX-512 without bf16 emulates it"
+    assert resolve_dtype("auto", "cuda:0", set()) == "bfloat16"
+    assert resolve_dtype("float32", "cpu", {"avx512_bf16"}) == "float32", "an explicit dtype is kept"
+    with pytest.raises(ValueError, match="llm.dtype must be auto, float32, bfloat16 or float16, got 'fp8'"):
+        resolve_dtype("fp8")
+    backend = TransformersBackend(str(tiny_llama), dtype="auto")
+    expected = "bfloat16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "float32"
+    assert backend.dtype == expected and str(backend.model.dtype) == f"torch.{expected}"
+    assert f"({expected})" in backend.describe()
+
+
 def test_multi_token_label_is_refused(backend: TransformersBackend) -> None:
     with pytest.raises(ValueError, match=r"label 'Candidates' is \d+ tokens .* single-token labels"):
         backend.label_ids(["A", "Candidates"])

@@ -31,6 +31,32 @@ from prompts import SLOT_MARK, Verbatim
 if TYPE_CHECKING:
     import torch
 
+DTYPES = ("float32", "bfloat16", "float16")
+BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}
+"""CPU flags (Linux /proc/cpuinfo) of native bf16 matrix instructions, where `llm.dtype=auto` picks bfloat16."""
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split()}
+
+
+def resolve_dtype(dtype: str, device: str = "cpu", flags: set[str] | None = None) -> str:
+    """`dtype`, with `auto` made concrete: bfloat16 on a GPU or on a CPU with native bf16 instructions (AVX-512 BF16 or
+    AMX), float32 on other CPUs, where bf16 is emulated and slower."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"llm.dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        return dtype
+    if not device.startswith("cpu"):
+        return "bfloat16"
+    return "bfloat16" if BF16_CPU_FLAGS & (cpu_flags() if flags is None else flags) else "float32"
+
+
 Messages = list[dict[str, str]]
 # Verbatim: templates keep these markers, while data loses every SLOT_MARK (see `prompts`).
 SOFT_PROMPT_SLOT = Verbatim(f"{SLOT_MARK}soft-prompt{SLOT_MARK}")

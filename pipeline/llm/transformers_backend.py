@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.io import atomic_dir, file_digest
-from pipeline.llm.base import EncodedPrompt, LLMBackend, Messages, log_softmax
+from pipeline.llm.base import EncodedPrompt, LLMBackend, Messages, log_softmax, resolve_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -80,7 +80,7 @@ class TransformersBackend(LLMBackend):
 
     Args:
         model: `SmolLM2-135M-Instruct` (packaged default), a local folder or a model id.
-        dtype: weights and activations dtype; label scores are always computed in fp32 from the
+        dtype: weights and activations dtype (`auto`: `resolve_dtype`); label scores are always computed in fp32 from the
             final hidden state, because bf16 logits tie candidates.
         cache_dir: where the converted default model lives.
         batch_size: prompts per forward pass.
@@ -96,8 +96,7 @@ class TransformersBackend(LLMBackend):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"llm.dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        dtype = resolve_dtype(dtype, device)
         self.model_name = model
         self.dtype = dtype
         self.batch_size = batch_size
