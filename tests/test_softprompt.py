@@ -35,7 +35,7 @@ def test_item_slots_follow_each_title_and_need_tokens(backend: TransformersBacke
     assert encoded.slots == ("soft", "item", "item", "item")
     with pytest.raises(ValueError, match=r"3 item-token slots but 0 item tokens"):
         backend.score_labels([messages], list("ABC"), soft_prompt=torch.zeros(2, backend.hidden_size))
-    with pytest.raises(ValueError, match=r"lacks an item-token slot per candidate .* use rerank\.v4"):
+    with pytest.raises(ValueError, match=r"lacks an item-token slot per candidate .* use rerank\.v6"):
         PromptBuilder(backend, toy.catalog, RerankConfig(), item_tokens=True).build(request, "rerank.v1")
 
 
