@@ -57,8 +57,8 @@ def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[flo
 
 
 def record_machines(records: list[dict]) -> str:
-    """The machines that committed records were measured on, in one line (`machine` of each record; this one for none)."""
-    return "; ".join(dict.fromkeys(r.get("machine") or machine() for r in records))
+    """The machines that committed records were measured on (each record's `machine`), in one line."""
+    return "; ".join(dict.fromkeys(r["machine"] for r in records))
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

@@ -190,16 +190,15 @@ class TrainedRun:
         """A verbalizer reranker with the run's soft prompt, item tokens and (when trained with one) user token, in the
         prompt it was trained with (`prompt_settings`; the projectors read the tower's vectors). `personal`: one client's
         personal tokens."""
-        soft = self.prompt_settings(rec.cfg.soft_prompt)
-        if soft != rec.cfg.soft_prompt:
-            rec = rec.with_cfg(rec.cfg.model_copy(update={"soft_prompt": soft}))
-        return trained_reranker(rec, self.state, self.item_embeddings, self.tower, fusion_weight=fusion_weight, personal=personal)
+        return trained_reranker(rec, self.state, self.item_embeddings, self.tower, fusion_weight=fusion_weight, personal=personal,
+                                soft=self.prompt_settings(rec.cfg.soft_prompt))
 
 
 def trained_reranker(rec: Recommender, state: dict[str, np.ndarray], item_embeddings: np.ndarray, tower: RetrievalTower, *,
-                     fusion_weight: float = 1.0, personal: dict[str, np.ndarray] | None = None) -> VerbalizerReranker:
+                     fusion_weight: float = 1.0, personal: dict[str, np.ndarray] | None = None,
+                     soft: SoftPromptConfig | None = None) -> VerbalizerReranker:
     """A verbalizer reranker over a state's soft prompt and projectors, for any candidates; `tower` gives the user token's
-    query vector for each request's history."""
+    query vector for each request's history. `soft`: the prompt settings (default `rec.cfg.soft_prompt`)."""
     import torch
 
     from pipeline.llm.openai_backend import OpenAIBackend
@@ -211,7 +210,7 @@ def trained_reranker(rec: Recommender, state: dict[str, np.ndarray], item_embedd
     if not isinstance(backend, TransformersBackend | OpenAIBackend):
         raise FedrecError("a trained soft prompt runs in-process (inputs_embeds) or on an OpenAI-compatible server (prompt_embeds); "
                           "set llm.backend=transformers or openai")
-    sp = rec.cfg.soft_prompt
+    sp = soft or rec.cfg.soft_prompt
     user_token = SoftPrompt.has_user_token(state)
     module = SoftPrompt(state["soft/prompt"].shape[0], backend.hidden_size, item_embeddings.shape[1],
                         personal=sp.personal_tokens if personal else 0, user_token=user_token)

@@ -16,10 +16,10 @@ from pipeline.recommender import Recommender
 TINY = REPO / "configs" / "tiny.yaml"
 
 
-def _recommender(tmp_path: Path, *overrides: str, run: Path | None = None) -> Recommender:
+def _recommender(tmp_path: Path, *overrides: str, run: Path | str | None = "auto") -> Recommender:
     cfg = load_config(TINY, ["federation.rounds=2", "tower.dim=16", "tower.max_len=10", "tower.layers=1",
                              "eval.max_users=30", f"output_dir={tmp_path}", *overrides])
-    return Recommender.from_config(cfg) if run is None else Recommender.from_config(cfg, run=run)
+    return Recommender.from_config(cfg, run=run)
 
 
 def test_array_record_round_trip_is_bit_exact() -> None:
