@@ -65,7 +65,8 @@ def test_bad_override_and_bad_stage(monkeypatch, capsys) -> None:
 
 def test_evaluate_writes_table_and_json(monkeypatch, capsys, tmp_path: Path) -> None:
     target = tmp_path / "report.json"
-    code, out = run(monkeypatch, capsys, "evaluate", "-c", TINY, "--output", str(target))
+    # output_dir: a trained run in the checkout's runs/ (from `make demo`) would add its tower's rows
+    code, out = run(monkeypatch, capsys, "evaluate", "-c", TINY, "--output", str(target), "--set", f"output_dir={tmp_path}")
     assert code == 0, out
     assert "popularity" in out and "text:hybrid" in out and "ties ranked in expectation" in out
     report = json.loads(target.read_text())
